@@ -1,0 +1,166 @@
+"""Loading a labelled data set into train and validation splits, whatever its modality.
+
+Handles what every task shares: local files or a Hub id through `datasets.load_dataset`, label
+names and ids, checking labels across splits, sampling, and carving a stratified validation split.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
+
+from hf_transfer.errors import HfTransferError
+from hf_transfer.recipe import DataConfig
+
+# file suffix -> (datasets builder, extra builder arguments)
+FILE_BUILDERS = {
+    ".csv": ("csv", {}),
+    ".tsv": ("csv", {"delimiter": "\t", "quoting": csv.QUOTE_NONE}),  # GLUE-style TSVs carry raw quotes
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+    ".parquet": ("parquet", {}),
+}
+VALIDATION_ALIASES = ("validation", "valid", "val", "dev")
+
+
+@dataclass
+class LabelledSplits:
+    """Train and validation sets whose `label` column holds class ids into `label_names`."""
+
+    train: Dataset
+    validation: Dataset
+    label_names: list[str]
+
+
+def _load_files(files: dict[str, Path]) -> DatasetDict:
+    suffixes = {p.suffix for p in files.values()}
+    if len(suffixes) != 1:
+        raise HfTransferError(f"Data files mix formats {sorted(suffixes)}; keep one format per data set.")
+    builder, kwargs = FILE_BUILDERS[suffixes.pop()]
+    return load_dataset(builder, data_files={k: str(v) for k, v in files.items()}, **kwargs)
+
+
+def load_raw(config: DataConfig) -> DatasetDict:
+    """The data set as `datasets` reads it: a data file, a folder of split files, or a Hub id."""
+    if config.path is None:
+        raise HfTransferError("The recipe has no data.path: set a Hub dataset id or a local folder/file.")
+    path = Path(config.path)
+    if path.is_file():
+        if path.suffix not in FILE_BUILDERS:
+            raise HfTransferError(f"Cannot read {path}: use one of {', '.join(FILE_BUILDERS)}.")
+        return _load_files({config.train_split: path})
+    if path.is_dir():
+        files = {p.stem: p for p in sorted(path.iterdir()) if p.is_file() and p.suffix in FILE_BUILDERS}
+        if not files:
+            raise HfTransferError(
+                f"Folder {path} has no data files ({', '.join(FILE_BUILDERS)}); "
+                "name them by split, e.g. train.csv and validation.csv."
+            )
+        return _load_files(files)
+    if path.suffix in FILE_BUILDERS or config.path.startswith((".", "/")):
+        raise HfTransferError(f"Data path '{config.path}' does not exist.")
+    try:
+        return load_dataset(config.path, config.name)
+    except Exception as error:  # datasets raises many types for a missing or unreachable dataset
+        raise HfTransferError(
+            f"Cannot load data set '{config.path}' from the Hub ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}). Check the id and your network, "
+            "or point data.path at a local folder or file."
+        ) from None
+
+
+def _pick_split(raw: DatasetDict, wanted: str | None, aliases: tuple[str, ...] = ()) -> Dataset | None:
+    for name in (wanted, *aliases):
+        if name and name in raw:
+            return raw[name]
+    return None
+
+
+def check_columns(dataset: Dataset, columns: list[str], split: str) -> None:
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise HfTransferError(
+            f"Column(s) {missing} not found in the {split} split; it has columns {dataset.column_names}. "
+            "Set data.text_column / data.image_column / data.label_column to the right names."
+        )
+
+
+def _as_key(value: object) -> str:
+    """A label value as a name: 1, 1.0 and "1" are the same class."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
+
+
+def _label_names(train: Dataset, config: DataConfig) -> list[str]:
+    feature = train.features[config.label_column]
+    if config.label_names:
+        return list(config.label_names)
+    if isinstance(feature, ClassLabel):
+        return list(feature.names)
+    values = set(train[config.label_column])
+    numeric = all(isinstance(v, (int, float)) for v in values)
+    return [_as_key(v) for v in sorted(values, key=float if numeric else str)]
+
+
+def _encode_labels(dataset: Dataset, split: str, config: DataConfig, names: list[str]) -> Dataset:
+    """Map the label column to ids into `names` and cast it to a ClassLabel."""
+    column = config.label_column
+    feature = dataset.features[column]
+    values = dataset[column]
+    if isinstance(feature, ClassLabel):
+        keys = [feature.names[i] for i in values]
+    elif config.label_names and all(isinstance(v, int) for v in values):
+        # integer ids index the recipe's label_names
+        keys = [names[v] if 0 <= v < len(names) else str(v) for v in values]
+    else:
+        keys = [_as_key(v) for v in values]
+    unknown = sorted(set(keys) - set(names))
+    if unknown:
+        raise HfTransferError(
+            f"The {split} split has label(s) {unknown} that training does not know "
+            f"(known: {names}). Fix the labels or set data.label_names."
+        )
+    to_id = {name: i for i, name in enumerate(names)}
+    dataset = dataset.remove_columns(column).add_column("label", [to_id[k] for k in keys])
+    return dataset.cast_column("label", ClassLabel(names=names))
+
+
+def _sample(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
+    if limit is None or limit >= len(dataset):
+        return dataset
+    return dataset.shuffle(seed=seed).select(range(limit))
+
+
+def labelled_splits(raw: DatasetDict, config: DataConfig, columns: list[str], seed: int) -> LabelledSplits:
+    """Train and validation with checked columns and encoded labels; validation carved if absent."""
+    train = _pick_split(raw, config.train_split)
+    if train is None:
+        raise HfTransferError(
+            f"No '{config.train_split}' split in the data (splits: {list(raw)}); set data.train_split."
+        )
+    validation = _pick_split(raw, config.validation_split, VALIDATION_ALIASES)
+    for split, dataset in (("train", train), ("validation", validation)):
+        if dataset is not None:
+            if len(dataset) == 0:
+                raise HfTransferError(f"The {split} split is empty; give it some examples.")
+            check_columns(dataset, [*columns, config.label_column], split)
+    names = _label_names(train, config)
+    if len(names) < 2:
+        raise HfTransferError(f"Training data has a single class {names}; classification needs at least two.")
+    train = _encode_labels(train, "train", config, names)
+    if validation is None:
+        parts = train.train_test_split(
+            test_size=config.validation_fraction, stratify_by_column="label", seed=seed
+        )
+        train, validation = parts["train"], parts["test"]
+    else:
+        validation = _encode_labels(validation, "validation", config, names)
+    return LabelledSplits(
+        train=_sample(train, config.max_train_samples, seed),
+        validation=_sample(validation, config.max_eval_samples, seed),
+        label_names=names,
+    )

@@ -1,0 +1,38 @@
+"""Classification metrics: accuracy, macro F1, per-class scores and the confusion matrix.
+
+`evaluate.load("accuracy")` fetches its metric script from the Hub, which fails on machines
+without network; it computes these with scikit-learn, so we call scikit-learn directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+
+def classification_metrics(predictions: np.ndarray, labels: np.ndarray, label_names: list[str]) -> dict[str, Any]:
+    """Scores of predicted class ids against true class ids; JSON-serialisable."""
+    ids = list(range(len(label_names)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predictions, labels=ids, average=None, zero_division=0
+    )
+    return {
+        "accuracy": float(accuracy_score(labels, predictions)),
+        "f1_macro": float(f1_score(labels, predictions, labels=ids, average="macro", zero_division=0)),
+        "num_samples": int(len(labels)),
+        "per_class": {
+            name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for name, p, r, f, s in zip(label_names, precision, recall, f1, support)
+        },
+        "confusion_matrix": {
+            "labels": list(label_names),
+            "matrix": confusion_matrix(labels, predictions, labels=ids).tolist(),
+        },
+    }
+
+
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The single-number entries (for logs and progress bars)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -1,0 +1,322 @@
+"""Recipes: the typed schema, YAML loading, dotted `--set` overrides and validation.
+
+A recipe is the only place where choices are made. Every field has a default and a help text
+(the style of peft's config dataclasses), so a YAML file names only what differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from hf_transfer.errors import HfTransferError
+
+REPO_RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with its help text (mutable defaults are copied per instance)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("sentence-transformers/all-MiniLM-L6-v2", "Hub id, local folder, or timm model name of the source model.")
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the source model.")
+    pretrained: bool = _f(True, "Load pretrained weights; false starts from random weights (tests, ablations).")
+    trust_remote_code: bool = _f(False, "Allow custom modelling code from the Hub. Off unless you trust the repository.")
+
+
+@dataclass
+class DataConfig:
+    path: str | None = _f(None, "Hub dataset id, a local folder, or a data file (csv, tsv, json, jsonl, parquet).")
+    name: str | None = _f(None, "Hub dataset configuration name.")
+    train_split: str = _f("train", "Split (or file stem) used for training.")
+    validation_split: str | None = _f("validation", "Split used for validation; if absent, it is carved from train.")
+    validation_fraction: float = _f(0.1, "Share of train carved off (stratified, seeded) when there is no validation split.")
+    text_column: str = _f("text", "Column holding the text (text tasks).")
+    text_pair_column: str | None = _f(None, "Optional second text column (sentence-pair tasks).")
+    image_column: str = _f("image", "Column holding the image (image tasks).")
+    label_column: str = _f("label", "Column holding the label.")
+    label_names: list[str] | None = _f(None, "Names of the labels in id order, when the data stores integer ids.")
+    max_length: int = _f(128, "Longest tokenised text; longer texts are truncated. Batches pad only to their own longest.")
+    max_train_samples: int | None = _f(None, "Use only this many training examples (a seeded random sample).")
+    max_eval_samples: int | None = _f(None, "Use only this many validation examples (a seeded random sample).")
+
+
+@dataclass
+class LoraConfig:
+    r: int = _f(8, "Rank of the LoRA update matrices.")
+    alpha: int = _f(16, "LoRA scaling numerator (the update is scaled by alpha / r).")
+    dropout: float = _f(0.1, "Dropout on the LoRA branch.")
+    target_modules: list[str] | None = _f(None, "Module names to adapt; default: the model's attention projections.")
+
+
+@dataclass
+class StrategyConfig:
+    name: Literal["full", "freeze_backbone", "partial", "gradual_unfreeze", "lora"] = _f(
+        "full", "Which parameters train: everything, only the head, the top blocks, blocks unfrozen over epochs, or LoRA."
+    )
+    trainable_blocks: int = _f(2, "partial: how many of the top backbone blocks train with the head.")
+    unfreeze_every: int = _f(1, "gradual_unfreeze: epochs between unfreezing the next block (top down).")
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA settings (strategy lora)."})
+    merge_lora: bool = _f(False, "lora: also save a merged full model under OUTPUT/merged.")
+
+
+@dataclass
+class HeadConfig:
+    type: Literal["linear", "mlp", "bottleneck"] = _f("linear", "Classification head on the pooled features.")
+    hidden_dim: int = _f(512, "Hidden width of the mlp head / bottleneck width of the bottleneck head.")
+    dropout: float = _f(0.0, "Dropout before the head's layers.")
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = _f(3, "Number of passes over the training data.")
+    batch_size: int = _f(32, "Examples per optimiser step on each process (before accumulation).")
+    eval_batch_size: int = _f(64, "Examples per evaluation batch.")
+    lr: float = _f(5e-5, "Learning rate (of every parameter unless backbone_lr / head_lr say otherwise).")
+    backbone_lr: float | None = _f(None, "Learning rate of the pretrained backbone's trainable parameters.")
+    head_lr: float | None = _f(None, "Learning rate of the new head.")
+    weight_decay: float = _f(0.01, "Decoupled weight decay; never applied to biases and norm weights.")
+    optimizer: Literal["adamw", "adam", "sgd"] = _f("adamw", "Optimiser.")
+    momentum: float = _f(0.9, "Momentum (sgd).")
+    scheduler: Literal["linear", "cosine", "constant", "step", "onecycle"] = _f("linear", "Learning-rate schedule.")
+    warmup_ratio: float = _f(0.0, "Share of steps spent warming the learning rate up from 0 (linear, cosine, constant).")
+    step_size: int = _f(7, "step: epochs between learning-rate decays.")
+    gamma: float = _f(0.1, "step: decay factor.")
+    gradient_accumulation_steps: int = _f(1, "Batches accumulated per optimiser step.")
+    max_grad_norm: float | None = _f(1.0, "Clip the gradient norm to this; null disables clipping.")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = _f(None, "Precision; null takes the accelerate config's.")
+    seed: int = _f(42, "Seed of every random choice (sampling, initialisation, shuffling, dropout).")
+    metric_for_best: str = _f("accuracy", "Validation metric that picks the best epoch (higher is better).")
+    early_stopping_patience: int | None = _f(None, "Stop after this many epochs without a better metric_for_best.")
+    class_weights: str | list[float] | None = _f(None, "Loss weight per class: a list, 'auto' (inverse frequency), or null.")
+    label_smoothing: float = _f(0.0, "Label smoothing of the cross-entropy loss.")
+    logging_steps: int = _f(10, "Log loss and learning rate every this many optimiser steps.")
+    num_workers: int | None = _f(None, "DataLoader worker processes; null picks from the CPU count.")
+
+
+@dataclass
+class OutputConfig:
+    dir: str | None = _f(None, "Output folder; default runs/<recipe name>.")
+    overwrite: bool = _f(False, "Allow writing into a non-empty output folder.")
+
+
+@dataclass
+class Recipe:
+    name: str = _f("recipe", "Name of the recipe (the file stem when loaded from a file).")
+    description: str = _f("", "One line saying what the recipe does.")
+    task: Literal["text", "image"] = _f("text", "Modality of the inputs.")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Source model."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Data set and preprocessing."})
+    strategy: StrategyConfig = field(default_factory=StrategyConfig, metadata={"help": "Transfer strategy."})
+    head: HeadConfig = field(default_factory=HeadConfig, metadata={"help": "Classification head."})
+    training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "The training loop."})
+    output: OutputConfig = field(default_factory=OutputConfig, metadata={"help": "Where results go."})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output.dir) if self.output.dir else Path("runs") / self.name
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a recipe from nested dicts, with checking
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _type_error(key: str, value: Any, expected: Any) -> HfTransferError:
+    return HfTransferError(f"Recipe key '{key}' got {value!r}, which is not {_describe(expected)}. Fix the value.")
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`, converting where YAML is loose (1 -> 1.0)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(key, value, option)
+            except HfTransferError:
+                continue
+        raise _type_error(key, value, tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise _type_error(key, value, tp)
+    if origin is list:
+        if not isinstance(value, list):
+            raise _type_error(key, value, tp)
+        (item_type,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", item, item_type) for i, item in enumerate(value)]
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _type_error(key, value, tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _type_error(key, value, tp)
+        return _build(tp, value, prefix=f"{key}.")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # PyYAML reads 5e-5 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise _type_error(key, value, tp) from None
+    if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    if tp is float and isinstance(value, float):
+        return value
+    raise _type_error(key, value, tp)
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for name in _fields(cls):
+        keys.append(prefix + name)
+        if dataclasses.is_dataclass(hints[name]):
+            keys.extend(_all_keys(hints[name], f"{prefix}{name}."))
+    return keys
+
+
+def unknown_key_error(key: str) -> HfTransferError:
+    close = difflib.get_close_matches(key, _all_keys(Recipe), n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}'?" if close else " See the recipe reference in README.md."
+    return HfTransferError(f"Unknown recipe key '{key}'.{hint}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = _fields(cls)
+    kwargs = {}
+    for name, value in values.items():
+        if name not in known:
+            raise unknown_key_error(prefix + str(name))
+        kwargs[name] = _coerce(prefix + name, value, hints[name])
+    return cls(**kwargs)
+
+
+def recipe_from_dict(values: dict[str, Any]) -> Recipe:
+    recipe = _build(Recipe, values)
+    validate(recipe)
+    return recipe
+
+
+def validate(recipe: Recipe) -> None:
+    """Checks that span several keys (single values are checked by their types)."""
+    t = recipe.training
+    if t.epochs < 1 or t.batch_size < 1 or t.gradient_accumulation_steps < 1:
+        raise HfTransferError("training.epochs, training.batch_size and gradient_accumulation_steps must be >= 1.")
+    if not 0 < recipe.data.validation_fraction < 1:
+        raise HfTransferError("data.validation_fraction must lie between 0 and 1, e.g. 0.1.")
+    if isinstance(t.class_weights, str) and t.class_weights != "auto":
+        raise HfTransferError("training.class_weights must be 'auto', a list of numbers, or null.")
+    if recipe.strategy.name == "partial" and recipe.strategy.trainable_blocks < 1:
+        raise HfTransferError("strategy.trainable_blocks must be >= 1 for the partial strategy.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Files and overrides
+
+
+def available_recipes() -> list[str]:
+    dirs = [Path("recipes"), REPO_RECIPES_DIR]
+    return sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.yaml")})
+
+
+def find_recipe(name_or_path: str) -> Path:
+    """A recipe is a path to a YAML file, or a name looked up in ./recipes and the project's recipes/."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml"):
+        if candidate.is_file():
+            return candidate
+        raise HfTransferError(f"Recipe file '{name_or_path}' does not exist.")
+    for folder in (Path("recipes"), REPO_RECIPES_DIR):
+        path = folder / f"{name_or_path}.yaml"
+        if path.is_file():
+            return path
+    raise HfTransferError(
+        f"Recipe '{name_or_path}' not found. Available recipes: {', '.join(available_recipes()) or 'none'}; "
+        "or pass a path to a .yaml file."
+    )
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["training.lr=3e-5", "data.path=x"]` -> nested dict; values are read as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise HfTransferError(f"Override '{pair}' is not KEY=VALUE (e.g. --set training.lr=3e-5).")
+        value = yaml.safe_load(raw) if raw else None
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise HfTransferError(f"Override '{pair}' sets a key inside '{part}', which is not a section.")
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _resolve_relative_path(path: str | None, recipe_dir: Path) -> str | None:
+    """Paths written in a recipe file are relative to that file; a Hub id stays as it is."""
+    if path is None or Path(path).is_absolute():
+        return path
+    candidate = (recipe_dir / path).resolve()
+    return str(candidate) if candidate.exists() else path
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+    path = find_recipe(name_or_path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise HfTransferError(f"Recipe {path} is not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise HfTransferError(f"Recipe {path} must be a YAML mapping of sections (model:, data:, ...).")
+    values.setdefault("name", path.stem)
+    data = values.get("data")
+    if isinstance(data, dict) and isinstance(data.get("path"), str):
+        data["path"] = _resolve_relative_path(data["path"], path.parent)
+    return recipe_from_dict(_merge(values, parse_overrides(overrides or [])))

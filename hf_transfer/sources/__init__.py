@@ -1,0 +1,1 @@
+"""Source models: timm for images, transformers for text, offline packaged copies."""

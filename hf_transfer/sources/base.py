@@ -1,0 +1,76 @@
+"""The one interface every source model is adapted to, whatever its library or modality.
+
+Strategies, the training loop and the feature cache see only this: a module whose forward maps a
+batch to logits, which knows which of its parameters are the new head and how its pretrained
+backbone divides into blocks from input to output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+class TransferModel(nn.Module):
+    """A pretrained backbone with a new head for the target classes.
+
+    Subclasses set `model` (the library's own module, so it saves and loads the library's way),
+    `head_modules` (names, inside `model`, of the modules that form the new head), `head_prefixes`
+    (parameter-name prefixes of everything newly initialised, the head modules included) and
+    `block_prefixes` (the backbone's blocks, input side first, each a list of name prefixes).
+    `lora_targets` names the modules LoRA adapts by default (None: peft's choice for the model type)
+    and `peft_task_type` the peft task type (None for models outside transformers).
+    """
+
+    model: nn.Module
+    head_modules: list[str]
+    head_prefixes: list[str]
+    lora_targets: list[str] | None = None
+    peft_task_type: str | None = None
+    block_prefixes: list[list[str]]
+    input_names: tuple[str, ...]
+    label_names: list[str]
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def features(self, **inputs: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """Pooled backbone features, the head's input: shape (batch, feature_dim)."""
+        raise NotImplementedError
+
+    def is_head_parameter(self, name: str) -> bool:
+        # peft keeps a trainable copy of each head module under `modules_to_save`
+        return "modules_to_save" in name or any(name.startswith(p) for p in self.head_prefixes)
+
+    def head_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((n, p) for n, p in self.named_parameters() if self.is_head_parameter(n))
+
+    def backbone_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((n, p) for n, p in self.named_parameters() if not self.is_head_parameter(n))
+
+    def block_parameters(self) -> list[list[nn.Parameter]]:
+        """Backbone parameters grouped by block, input side first."""
+        named = dict(self.backbone_parameters())
+        blocks = []
+        for prefixes in self.block_prefixes:
+            blocks.append([p for n, p in named.items() if any(n.startswith(pre) for pre in prefixes)])
+        return blocks
+
+
+def blocks_from_layers(
+    parameter_names: list[str], layer_prefixes: list[str], input_side: str
+) -> list[list[str]]:
+    """Split backbone parameter names into blocks around a stack of layers.
+
+    Block 0 holds the parameters on the input side (names containing `input_side`, e.g. "embed"),
+    then one block per layer; whatever else the backbone has (pooler, final norm) sits on top of
+    the layers and joins the last block, so `partial` with K blocks trains it too.
+    """
+    in_layers = {n for n in parameter_names if any(n.startswith(p) for p in layer_prefixes)}
+    stem = [n for n in parameter_names if n not in in_layers and input_side in n]
+    top = [n for n in parameter_names if n not in in_layers and n not in stem]
+    blocks = [stem] + [[prefix] for prefix in layer_prefixes]
+    blocks[-1] = blocks[-1] + top
+    return blocks
