@@ -34,6 +34,29 @@ class ModelConfig:
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the source model.")
     pretrained: bool = _f(True, "Load pretrained weights; false starts from random weights (tests, ablations).")
     trust_remote_code: bool = _f(False, "Allow custom modelling code from the Hub. Off unless you trust the repository.")
+    weights_file: str | None = _f(
+        None, "Image tasks: a local .safetensors (or .pth) file of weights for the timm architecture named in model.name."
+    )
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation of images (timm's train transform); validation is never augmented."""
+
+    scale: list[float] = _f([0.08, 1.0], "Random resized crop: range of the crop's area, as a share of the image.")
+    ratio: list[float] = _f([0.75, 1.3333], "Random resized crop: range of the crop's aspect ratio.")
+    hflip: float = _f(0.5, "Probability of a horizontal flip.")
+    vflip: float = _f(0.0, "Probability of a vertical flip.")
+    rotation: float = _f(0.0, "Random rotation by up to this many degrees either way; 0 disables it.")
+    color_jitter: float | None = _f(
+        0.4, "Brightness/contrast/saturation jitter strength; 0 or null disables it. timm drops it when auto_augment is set."
+    )
+    auto_augment: str | None = _f(
+        None,
+        "Policy: timm RandAugment ('rand-m9-mstd0.5'), AugMix ('augmix-m5-w4-d2'), AutoAugment ('original'), "
+        "or 'trivialaugment' (torchvision's TrivialAugmentWide); null for none.",
+    )
+    re_prob: float = _f(0.0, "Probability of random erasing (a random box replaced by noise).")
 
 
 @dataclass
@@ -45,7 +68,10 @@ class DataConfig:
     validation_fraction: float = _f(0.1, "Share of train carved off (stratified, seeded) when there is no validation split.")
     text_column: str = _f("text", "Column holding the text (text tasks).")
     text_pair_column: str | None = _f(None, "Optional second text column (sentence-pair tasks).")
-    image_column: str = _f("image", "Column holding the image (image tasks).")
+    image_column: str = _f("image", "Column holding the image (image tasks): image files, or paths in a CSV.")
+    image_size: int | None = _f(None, "Image tasks: square input size in pixels; null takes the source model's own.")
+    augment: AugmentConfig = field(default_factory=AugmentConfig, metadata={"help": "Image tasks: training augmentation."})
+    verify_images: bool = _f(True, "Image tasks: decode every image once before training; skip (and list) unreadable ones.")
     label_column: str = _f("label", "Column holding the label.")
     label_names: list[str] | None = _f(None, "Names of the labels in id order, when the data stores integer ids.")
     max_length: int = _f(128, "Longest tokenised text; longer texts are truncated. Batches pad only to their own longest.")
@@ -319,4 +345,7 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
     data = values.get("data")
     if isinstance(data, dict) and isinstance(data.get("path"), str):
         data["path"] = _resolve_relative_path(data["path"], path.parent)
+    model = values.get("model")
+    if isinstance(model, dict) and isinstance(model.get("weights_file"), str):
+        model["weights_file"] = _resolve_relative_path(model["weights_file"], path.parent)
     return recipe_from_dict(_merge(values, parse_overrides(overrides or [])))

@@ -35,10 +35,17 @@ class LabelledSplits:
     label_names: list[str]
 
 
+def _canonical(split: str) -> str:
+    return "validation" if split in VALIDATION_ALIASES else split
+
+
 def _load_files(files: dict[str, Path]) -> DatasetDict:
     suffixes = {p.suffix for p in files.values()}
     if len(suffixes) != 1:
         raise HfTransferError(f"Data files mix formats {sorted(suffixes)}; keep one format per data set.")
+    for split, path in files.items():
+        if path.stat().st_size == 0:  # datasets would fail with an obscure "corresponds to no data"
+            raise HfTransferError(f"The {_canonical(split)} split is empty ({path}); give it some examples.")
     builder, kwargs = FILE_BUILDERS[suffixes.pop()]
     return load_dataset(builder, data_files={k: str(v) for k, v in files.items()}, **kwargs)
 

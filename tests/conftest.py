@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny models built from configs and tiny data written by the tests (no network)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach the Hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(os.environ.get("HF_TRANSFER_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+WORDS = [
+    "the", "a", "movie", "film", "book", "food", "service", "plot", "was", "is", "really", "quite",
+    "very", "and", "but", "story", "actors", "music", "place", "staff", "today", "again", "it", "this",
+]
+POSITIVE, NEGATIVE = "wonderful", "dreadful"
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer BERT with random weights and a word-level vocabulary, saved like a Hub model."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, POSITIVE, NEGATIVE]
+    BertTokenizer(vocab={word: i for i, word in enumerate(vocab)}).save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def keyword_sentences(count: int, seed: int) -> list[dict]:
+    """Random sentences whose label is decided by one keyword: learnable, and only by reading."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        label = "positive" if i % 2 == 0 else "negative"
+        words = rng.choices(WORDS, k=rng.randint(4, 10))
+        words.insert(rng.randrange(len(words) + 1), POSITIVE if label == "positive" else NEGATIVE)
+        rows.append({"text": " ".join(words), "label": label})
+    rng.shuffle(rows)
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def keyword_data(tmp_path: Path) -> Path:
+    """A folder with train.jsonl and validation.jsonl of keyword-labelled sentences."""
+    folder = tmp_path / "keyword_data"
+    write_jsonl(folder / "train.jsonl", keyword_sentences(160, seed=1))
+    write_jsonl(folder / "validation.jsonl", keyword_sentences(60, seed=2))
+    return folder
