@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from hf_transfer.errors import HfTransferError
 from hf_transfer.export import prepare_output_dir, staged, write_json, write_text
 from hf_transfer.recipe import Recipe
+from hf_transfer.sources.offline import hub_is_offline, use_offline_mode_if_hub_unreachable
 from hf_transfer.sources.base import TransferModel
 from hf_transfer.strategies import apply_strategy, count_parameters
 from hf_transfer.trainer import TrainResult, train
@@ -68,7 +69,36 @@ def build_text_task(recipe: Recipe) -> Task:
     )
 
 
-TASKS: dict[str, Callable[[Recipe], Task]] = {"text": build_text_task}
+def build_image_task(recipe: Recipe) -> Task:
+    from hf_transfer.data.images import (
+        default_num_workers, image_loader, image_transforms, load_image_splits, with_transform,
+    )
+    from hf_transfer.sources.vision import load_vision_model, model_data_config, save_vision_model
+
+    seed, training, data = recipe.training.seed, recipe.training, recipe.data
+    workers = training.num_workers if training.num_workers is not None else default_num_workers()
+    splits, _ = load_image_splits(data, seed, workers)  # unreadable images dropped (and logged) here
+    model = load_vision_model(recipe.model, recipe.head, splits.label_names, data.image_size)
+    # preprocessing comes from the model (timm's data config): mean/std/size match its pretraining
+    data_config = model_data_config(model.model, data.image_size)
+    train_transform, eval_transform = image_transforms(data_config, data.augment)
+    train_set = with_transform(splits.train, train_transform, data.image_column)
+    eval_set = with_transform(splits.validation, eval_transform, data.image_column)
+
+    def save(trained: TransferModel, folder: Path) -> None:
+        save_vision_model(trained, folder, recipe, data_config)
+
+    return Task(
+        model=model,
+        train_loader=image_loader(train_set, training.batch_size, True, workers, seed),
+        eval_loader=image_loader(eval_set, training.eval_batch_size, False, workers, seed),
+        label_names=splits.label_names,
+        train_labels=list(splits.train["label"]),
+        save=save,
+    )
+
+
+TASKS: dict[str, Callable[[Recipe], Task]] = {"text": build_text_task, "image": build_image_task}
 
 
 def class_weights(setting: str | list[float] | None, train_labels: list[int], num_classes: int) -> torch.Tensor | None:
@@ -100,6 +130,8 @@ def run_training(recipe: Recipe) -> dict[str, Any]:
         (output_dir / "log.jsonl").unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     accelerator.print(f"recipe {recipe.name}:\n{recipe.to_yaml()}")
+    if not hub_is_offline() and use_offline_mode_if_hub_unreachable():
+        accelerator.print("The Hugging Face Hub is out of reach: using local files and packaged models only.")
     set_seed(recipe.training.seed)
 
     task = TASKS[recipe.task](recipe)

