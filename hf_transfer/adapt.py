@@ -118,9 +118,11 @@ def mmd_loss(source: Tensor, target: Tensor, kernel_mul: float = 2.0, kernel_num
              bandwidth: float | None = None) -> Tensor:
     """Biased multi-kernel Gaussian MMD^2 between two feature batches (DAN, Long et al., 2015).
 
-    Bandwidths are `kernel_num` values in a geometric family (ratio `kernel_mul`) centred on
-    `bandwidth`, by default the mean pairwise squared distance of the joint batch; the centre is
-    detached so the features cannot lower the loss by simply spreading out. Batch sizes may differ.
+    Gaussian kernels exp(-||a - b||^2 / bandwidth_i), averaged, with `kernel_num` bandwidths in a
+    geometric family (ratio `kernel_mul`) centred on `bandwidth`, by default the mean pairwise
+    squared distance of the joint batch. That centre is detached: it picks the kernel, and
+    gradients through it would let the features move the kernel instead of the domains.
+    Batch sizes may differ.
     """
     _check_feature_pair(source, target)
     if kernel_num < 1 or kernel_mul <= 0:
@@ -138,7 +140,9 @@ def mmd_loss(source: Tensor, target: Tensor, kernel_mul: float = 2.0, kernel_num
         centre = torch.tensor(float(bandwidth), device=joint.device)
     centre = centre.clamp_min(1e-8)  # identical batches would otherwise divide by zero
     base = centre / kernel_mul ** (kernel_num // 2)
-    kernels = sum(torch.exp(-distances / (base * kernel_mul ** i)) for i in range(kernel_num))
+    # DAN's convex combination of kernels with equal weights: averaging rather than summing keeps
+    # the loss in [0, 2] whatever kernel_num is, so a recipe's loss weight means the same thing
+    kernels = sum(torch.exp(-distances / (base * kernel_mul ** i)) for i in range(kernel_num)) / kernel_num
     k_ss = kernels[:n_source, :n_source].mean()
     k_tt = kernels[n_source:, n_source:].mean()
     k_st = kernels[:n_source, n_source:].mean()
@@ -193,7 +197,11 @@ class TransferComponentAnalysis:
     Finds `n_components` directions in the kernel space of the pooled source + target samples
     that keep their variance while shrinking the MMD between the domains: the leading
     eigenvectors of (K L K + mu I)^-1 K H K. Memory and time grow as n^2 and n^3 in the number
-    of fitted samples, so fit on a few thousand at most.
+    of fitted samples, so fit on a few thousand at most. With the linear kernel keep n_components
+    well below the feature width: at the full width the projection is merely a change of basis.
+    `mu` weighs the projection's size against the domain gap, so it is relative to the kernel's
+    scale: rbf entries are at most 1 and need mu ~ 0.01 to align (at mu = 1 TCA is nearly kernel
+    PCA), while a linear kernel on raw features aligns strongly at mu = 1.
     """
 
     def __init__(self, n_components: int = 30, kernel: str = "linear", mu: float = 1.0,

@@ -1,4 +1,4 @@
-"""Command-line entry points: `hf-transfer train ...` (scripts/train.py is the same thing).
+"""Command-line entry points: `hf-transfer train ...`, `hf-transfer predict ...` (scripts/ are the same).
 
 User mistakes end with one line on stderr and exit status 2, never a stack trace.
 """
@@ -24,6 +24,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--output-dir", help="Output folder (same as --set output.dir=...).")
     parser.add_argument("--overwrite", action="store_true", help="Allow writing into a non-empty output folder.")
+    parser.add_argument(
+        "--resume", nargs="?", const="latest", metavar="CHECKPOINT",
+        help="Continue a stopped run: alone, from the newest checkpoint in the output folder; or from "
+        "this checkpoint folder (or output folder). Use the recipe and overrides the run started with.",
+    )
 
 
 def train_command(args: argparse.Namespace) -> None:
@@ -35,21 +40,126 @@ def train_command(args: argparse.Namespace) -> None:
         overrides.append(f"output.dir={args.output_dir}")
     if args.overwrite:
         overrides.append("output.overwrite=true")
-    run_training(load_recipe(args.recipe, overrides))
+    run_training(load_recipe(args.recipe, overrides), resume=args.resume)
 
 
-COMMANDS = {"train": train_command}
+def _add_push(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser("push", help="Upload an output folder to the Hugging Face Hub (one commit).")
+    parser.add_argument("output_dir", help="Output folder of a finished run.")
+    parser.add_argument("--repo-id", required=True, help="Hub repository, user/name or org/name; created if missing.")
+    parser.add_argument("--private", action="store_true", help="Create the repository as private.")
+    parser.add_argument(
+        "--timeout", type=float, default=60.0, help="Seconds to wait for any one response from the Hub (default 60)."
+    )
+
+
+def push_command(args: argparse.Namespace) -> None:
+    """The token comes from `hf auth login` or HF_TOKEN, the server from HF_ENDPOINT (huggingface_hub's way)."""
+    from hf_transfer.hub import push_folder
+
+    if args.timeout <= 0:
+        raise HfTransferError("--timeout must be a positive number of seconds.")
+    url = push_folder(args.output_dir, args.repo_id, private=args.private, timeout=args.timeout)
+    print(f"pushed {args.output_dir} to {url}")
+
+
+def _add_evaluate(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser(
+        "evaluate", help="Score a saved model on labelled data: metrics.json and a confusion matrix."
+    )
+    parser.add_argument("output_dir", help="Output folder of a finished run (text or image).")
+    parser.add_argument(
+        "--data", required=True,
+        help="Labelled data: a data file, a folder of split files (or image class folders), or a Hub dataset id.",
+    )
+    parser.add_argument(
+        "--split", help="Which split of --data to score (default: test, else validation, else the only one)."
+    )
+    parser.add_argument(
+        "--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+        help="Data keys of the run's recipe to change for this data, e.g. --set data.text_column=review",
+    )
+    parser.add_argument("--name", help="Subfolder of OUTPUT/evaluations for the results (default: the data's name).")
+    parser.add_argument("--batch-size", type=int, default=64, help="Examples per forward pass.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an earlier evaluation of the same name.")
+
+
+def evaluate_command(args: argparse.Namespace) -> None:
+    from hf_transfer.evaluation import evaluate_saved_model
+
+    if args.batch_size < 1:
+        raise HfTransferError("--batch-size must be >= 1.")
+    result = evaluate_saved_model(
+        args.output_dir, args.data, split=args.split, overrides=args.overrides, name=args.name,
+        batch_size=args.batch_size, overwrite=args.overwrite,
+    )
+    print(
+        f"accuracy {result.metrics['accuracy']:.4f}, macro F1 {result.metrics['f1_macro']:.4f} on "
+        f"{result.metrics['num_samples']} examples; written to {result.folder}"
+    )
+
+
+def _add_predict(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser("predict", help="Label images or texts with a saved model.")
+    add_predict_arguments(parser)
+
+
+def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", help="Output folder of a run (or any timm export folder).")
+    parser.add_argument(
+        "inputs", nargs="+", metavar="INPUT",
+        help="Image model: image files and/or folders (searched recursively). Text model: texts, or files of "
+        "texts (.txt one per line; csv/tsv/jsonl/parquet: the recipe's text column).",
+    )
+    parser.add_argument("--top-k", type=int, default=1, help="Print the k most likely labels per input.")
+    parser.add_argument("--batch-size", type=int, default=32, help="Inputs per forward pass.")
+    parser.add_argument("--text-column", help="Text model: the column of texts in table files (default: the recipe's).")
+
+
+def predict_command(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from hf_transfer.inference import is_text_model, predict_texts
+    from hf_transfer.predict import find_images, format_prediction, predict_images
+
+    if args.top_k < 1 or args.batch_size < 1:
+        raise HfTransferError("--top-k and --batch-size must be >= 1.")
+    if not Path(args.model_dir).is_dir():
+        raise HfTransferError(f"{args.model_dir} is not a folder; give the output folder of a run.")
+    if is_text_model(Path(args.model_dir)):
+        predictions = predict_texts(args.model_dir, args.inputs, args.top_k, args.batch_size, args.text_column)
+    else:
+        predictions = predict_images(args.model_dir, find_images(args.inputs), args.top_k, args.batch_size)
+    for prediction in predictions:
+        print(format_prediction(prediction), flush=True)
+
+
+COMMANDS = {
+    "train": train_command,
+    "predict": predict_command,
+    "evaluate": evaluate_command,
+    "push": push_command,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-transfer", description="Transfer learning on the Hugging Face stack.")
     subcommands = parser.add_subparsers(dest="command", required=True)
     _add_train(subcommands)
+    _add_predict(subcommands)
+    _add_evaluate(subcommands)
+    _add_push(subcommands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "train":
+        from hf_transfer.launch import requested_cpu_processes, run_cpu_processes
+
+        processes = requested_cpu_processes()  # `accelerate launch --cpu` started only this one
+        if processes > 1:
+            return run_cpu_processes(processes)
     try:
         COMMANDS[args.command](args)
     except HfTransferError as error:

@@ -47,6 +47,21 @@ class BottleneckAdapterHead(nn.Module):
         return self.classifier(self.dropout(adapted))
 
 
+def zero_init_output(head: nn.Module) -> nn.Module:
+    """Zero the head's last linear layer, so training starts from uniform predictions (loss ln k).
+
+    Libraries initialise classifiers for 1000 classes; timm's EfficientNet init, for one, draws
+    weights from U(-1/sqrt(k), 1/sqrt(k)), which for k=2 gives logits in the tens on pretrained
+    features and costs the first epochs undoing them. BiT fine-tunes from a zero head too.
+    """
+    layers = [m for m in head.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]  # a few timm heads are 1x1 convs
+    if layers:
+        nn.init.zeros_(layers[-1].weight)
+        if layers[-1].bias is not None:
+            nn.init.zeros_(layers[-1].bias)
+    return head
+
+
 def build_head(config: HeadConfig, in_features: int, num_classes: int) -> nn.Module:
     """The head the recipe asks for (`linear` is a plain nn.Linear, dropout left to the source)."""
     if config.type == "mlp":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -75,6 +76,13 @@ class DataConfig:
     label_column: str = _f("label", "Column holding the label.")
     label_names: list[str] | None = _f(None, "Names of the labels in id order, when the data stores integer ids.")
     max_length: int = _f(128, "Longest tokenised text; longer texts are truncated. Batches pad only to their own longest.")
+    group_by_length: bool = _f(
+        True, "Text: batch texts of similar length together (shuffled by length group), so batches carry little padding."
+    )
+    pad_to_multiple_of: int = _f(
+        8, "Text: pad each batch to a multiple of this many tokens. 8 suits tensor cores; 16 or 32 gives fewer "
+        "batch shapes, which CUDA graphs and torch.compile need."
+    )
     max_train_samples: int | None = _f(None, "Use only this many training examples (a seeded random sample).")
     max_eval_samples: int | None = _f(None, "Use only this many validation examples (a seeded random sample).")
 
@@ -106,6 +114,66 @@ class HeadConfig:
 
 
 @dataclass
+class AdaptationConfig:
+    """Unsupervised domain adaptation: `data` is the labelled source, `target_path` the unlabelled target."""
+
+    method: Literal["none", "dann", "mmd", "coral", "tca"] = _f(
+        "none",
+        "none: source only. dann: domain discriminator behind gradient reversal; mmd: multi-kernel MMD (DAN); "
+        "coral: covariance alignment; tca: transfer component analysis of the features before the head trains.",
+    )
+    target_path: str | None = _f(
+        None, "Target data, read like data.path (same columns and preprocessing). Its labels, if any, are used only "
+        "to report target accuracy, never to train or to pick an epoch."
+    )
+    target_name: str | None = _f(None, "Hub dataset configuration name of the target data.")
+    features: Literal["head_input", "mean"] = _f(
+        "head_input",
+        "Backbone features the head sees: head_input (what the source's own classifier reads: timm's pooled "
+        "features, BERT's pooler output) or mean (text: mean of the last hidden states, what sentence encoders "
+        "such as all-MiniLM-L6-v2 are trained to produce).",
+    )
+    weight: float | None = _f(
+        None, "Weight of the domain loss: dann, the largest gradient-reversal weight (its ramp ends there); "
+        "mmd and coral, the loss's multiplier. null: the method's default (dann 0.1, mmd 1, coral 1)."
+    )
+    ramp_gamma: float = _f(10.0, "dann: steepness of the reversal-weight ramp 2/(1+exp(-gamma*progress))-1.")
+    bottleneck_dim: int = _f(256, "Width of the bottleneck layer whose features the domain loss aligns.")
+    dropout: float = _f(0.5, "Dropout after the bottleneck (and inside the domain discriminator).")
+    tca_components: int = _f(64, "tca: number of transfer components (the head's input width).")
+    tca_kernel: Literal["linear", "rbf"] = _f("linear", "tca: kernel of the component analysis.")
+    tca_mu: float = _f(1.0, "tca: trade-off between keeping variance and matching the domains (larger: less matching).")
+    tca_max_samples: int = _f(
+        1000, "tca: fit on at most this many examples, half source, half target (its cost grows as n^3)."
+    )
+
+
+@dataclass
+class MultimodalConfig:
+    """Two towers (a timm image model, a transformers text encoder) joined by a fusion head (task multimodal)."""
+
+    image_model: ModelConfig = field(
+        default_factory=lambda: ModelConfig(name="tf_efficientnet_lite0"), metadata={"help": "The image tower."}
+    )
+    text_model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The text tower."})
+    image_strategy: StrategyConfig | None = _f(
+        None, "Which image-tower parameters train (freeze_backbone, lora, full, ...); null: the recipe's strategy."
+    )
+    text_strategy: StrategyConfig | None = _f(
+        None, "Which text-tower parameters train (freeze_backbone, lora, full, ...); null: the recipe's strategy."
+    )
+    fusion: Literal["concat", "gated"] = _f(
+        "concat", "concat: both towers' features concatenated into an MLP; gated: a gated multimodal unit weighs "
+        "the two projected features per dimension, then an MLP."
+    )
+    hidden_dim: int = _f(256, "Width of the fusion head's hidden layer.")
+    dropout: float = _f(0.1, "Dropout in the fusion head.")
+    text_pooling: Literal["head_input", "mean"] = _f(
+        "head_input", "Text tower features: head_input (BERT's pooler output) or mean (mean of the last hidden states)."
+    )
+
+
+@dataclass
 class TrainingConfig:
     epochs: int = _f(3, "Number of passes over the training data.")
     batch_size: int = _f(32, "Examples per optimiser step on each process (before accumulation).")
@@ -129,24 +197,76 @@ class TrainingConfig:
     class_weights: str | list[float] | None = _f(None, "Loss weight per class: a list, 'auto' (inverse frequency), or null.")
     label_smoothing: float = _f(0.0, "Label smoothing of the cross-entropy loss.")
     logging_steps: int = _f(10, "Log loss and learning rate every this many optimiser steps.")
+    save_checkpoints: bool = _f(
+        True,
+        "Write a resumable checkpoint (weights, optimiser, scheduler, RNG, data position, best metric) into "
+        "OUTPUT/checkpoints at the end of every epoch; `train --resume` continues from the newest.",
+    )
+    checkpoint_every_steps: int | None = _f(
+        None, "Also checkpoint every this many optimiser steps, mid-epoch (long epochs); null: at epoch ends only."
+    )
     num_workers: int | None = _f(None, "DataLoader worker processes; null picks from the CPU count.")
+    cache_features: bool | Literal["auto"] = _f(
+        "auto",
+        "Frozen-feature cache: with strategy freeze_backbone, compute the backbone's features once and train the "
+        "head on them (every epoch after the first costs only the head). auto: when the model supports it; "
+        "true: always (an error where it cannot); false: never.",
+    )
+    cache_views: int = _f(
+        1,
+        "Frozen-feature cache, image tasks: 1 caches one view of each training image without augmentation (the "
+        "usual linear probe, fastest); K > 1 caches K augmented views and epoch e trains on view e mod K.",
+    )
+    feature_cache_dir: str | None = _f(
+        None, "Folder of the frozen-feature cache; null: OUTPUT/feature_cache. Point runs at one folder to share it."
+    )
+    cuda_graphs: bool = _f(
+        True,
+        "Replay each training step as one CUDA graph per batch shape (removes per-kernel launch cost, the "
+        "bottleneck of small batches), where the run allows it: one CUDA GPU, bf16 or fp32, no accumulation, "
+        "adam/adamw, no gradual unfreezing, no torch.compile. Elsewhere, and when false, steps run eagerly.",
+    )
+    compile: Literal["no", "default", "reduce-overhead", "max-autotune"] = _f(
+        "no", "torch.compile the model with this mode; compiling costs time up front (minutes for large models)."
+    )
 
 
 @dataclass
 class OutputConfig:
     dir: str | None = _f(None, "Output folder; default runs/<recipe name>.")
     overwrite: bool = _f(False, "Allow writing into a non-empty output folder.")
+    save_total_limit: int = _f(
+        1, "Keep the newest N checkpoints in OUTPUT/checkpoints; an older one is deleted once a newer one is complete."
+    )
+    license: str | None = _f(
+        None, "Licence id for the model card (e.g. apache-2.0, mit); it must allow what the source model's and "
+        "data's licences allow. null: left out of the card's metadata."
+    )
+    push_to_hub: bool = _f(
+        False, "Upload the output folder to the Hub in one commit when training ends (needs output.hub_repo_id and "
+        "a token: `hf auth login` or HF_TOKEN). A failed upload keeps the folder; `hf-transfer push` retries."
+    )
+    hub_repo_id: str | None = _f(None, "Hub repository to push to, 'user/name' or 'org/name'; created if missing.")
+    hub_private: bool = _f(False, "Create the Hub repository as private (an existing one keeps its visibility).")
 
 
 @dataclass
 class Recipe:
     name: str = _f("recipe", "Name of the recipe (the file stem when loaded from a file).")
     description: str = _f("", "One line saying what the recipe does.")
-    task: Literal["text", "image"] = _f("text", "Modality of the inputs.")
+    task: Literal["text", "image", "multimodal"] = _f(
+        "text", "Modality of the inputs; multimodal: an image column and a text column (see multimodal)."
+    )
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Source model."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Data set and preprocessing."})
     strategy: StrategyConfig = field(default_factory=StrategyConfig, metadata={"help": "Transfer strategy."})
     head: HeadConfig = field(default_factory=HeadConfig, metadata={"help": "Classification head."})
+    adaptation: AdaptationConfig = field(
+        default_factory=AdaptationConfig, metadata={"help": "Unsupervised domain adaptation to a target data set."}
+    )
+    multimodal: MultimodalConfig = field(
+        default_factory=MultimodalConfig, metadata={"help": "Task multimodal: the two towers and their fusion."}
+    )
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "The training loop."})
     output: OutputConfig = field(default_factory=OutputConfig, metadata={"help": "Where results go."})
 
@@ -267,8 +387,53 @@ def validate(recipe: Recipe) -> None:
         raise HfTransferError("data.validation_fraction must lie between 0 and 1, e.g. 0.1.")
     if isinstance(t.class_weights, str) and t.class_weights != "auto":
         raise HfTransferError("training.class_weights must be 'auto', a list of numbers, or null.")
+    if t.cache_views < 1 or recipe.data.pad_to_multiple_of < 1:
+        raise HfTransferError("training.cache_views and data.pad_to_multiple_of must be >= 1.")
     if recipe.strategy.name == "partial" and recipe.strategy.trainable_blocks < 1:
         raise HfTransferError("strategy.trainable_blocks must be >= 1 for the partial strategy.")
+    if t.checkpoint_every_steps is not None and t.checkpoint_every_steps < 1:
+        raise HfTransferError("training.checkpoint_every_steps must be >= 1, or null for epoch ends only.")
+    if recipe.output.save_total_limit < 1:
+        raise HfTransferError("output.save_total_limit must be >= 1 (the newest checkpoint is what --resume needs).")
+    validate_adaptation(recipe)
+    if recipe.task == "multimodal" and recipe.multimodal.hidden_dim < 1:
+        raise HfTransferError("multimodal.hidden_dim must be >= 1.")
+    if recipe.output.push_to_hub and not recipe.output.hub_repo_id:
+        raise HfTransferError("output.push_to_hub needs output.hub_repo_id, e.g. --set output.hub_repo_id=user/name.")
+    if recipe.output.hub_repo_id is not None:
+        check_repo_id(recipe.output.hub_repo_id)
+
+
+def validate_adaptation(recipe: Recipe) -> None:
+    adaptation = recipe.adaptation
+    if adaptation.method == "none" and not adaptation.target_path:
+        return  # no adaptation; with a target, method none is the source-only baseline on it
+    if not adaptation.target_path:
+        raise HfTransferError(f"adaptation.method {adaptation.method} needs adaptation.target_path (the target data).")
+    if recipe.task == "multimodal":
+        raise HfTransferError("Domain adaptation serves task text or image, not multimodal; set adaptation.method none.")
+    if recipe.strategy.name != "freeze_backbone":
+        raise HfTransferError(
+            "Domain adaptation trains a bottleneck and classifier on the frozen backbone's features; "
+            "set strategy.name freeze_backbone."
+        )
+    if adaptation.features == "mean" and recipe.task != "text":
+        raise HfTransferError("adaptation.features mean applies to text models; use head_input for images.")
+    if (adaptation.weight is not None and adaptation.weight < 0) or adaptation.ramp_gamma <= 0 or not 0 <= adaptation.dropout < 1:
+        raise HfTransferError("adaptation.weight must be >= 0, ramp_gamma > 0 and dropout in [0, 1).")
+    if adaptation.bottleneck_dim < 1 or adaptation.tca_components < 1 or adaptation.tca_mu <= 0:
+        raise HfTransferError("adaptation.bottleneck_dim and tca_components must be >= 1, tca_mu > 0.")
+    if adaptation.tca_max_samples < 2 * adaptation.tca_components:
+        raise HfTransferError("adaptation.tca_max_samples must be at least twice tca_components.")
+
+
+def check_repo_id(repo_id: str) -> None:
+    """A Hub model repository id: 'namespace/name' of letters, digits, '-', '_' and '.'."""
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", repo_id) or ".." in repo_id or len(repo_id) > 96:
+        raise HfTransferError(
+            f"'{repo_id}' is not a Hub repository id; write it as user/name or org/name "
+            "(letters, digits, '-', '_', '.')."
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,4 +513,10 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
     model = values.get("model")
     if isinstance(model, dict) and isinstance(model.get("weights_file"), str):
         model["weights_file"] = _resolve_relative_path(model["weights_file"], path.parent)
+    if isinstance(model, dict) and isinstance(model.get("name"), str) and model["name"].startswith("."):
+        # only ./ and ../ names: 'bert-base-uncased' must stay a Hub id even if such a folder exists here
+        model["name"] = _resolve_relative_path(model["name"], path.parent)
+    adaptation = values.get("adaptation")
+    if isinstance(adaptation, dict) and isinstance(adaptation.get("target_path"), str):
+        adaptation["target_path"] = _resolve_relative_path(adaptation["target_path"], path.parent)
     return recipe_from_dict(_merge(values, parse_overrides(overrides or [])))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader
-from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
+from hf_transfer.data.sampling import LengthGroupedBatchSampler, PadToMultipleCollator
 from hf_transfer.data.splits import LabelledSplits, labelled_splits, load_raw
 from hf_transfer.recipe import DataConfig
 
@@ -35,14 +36,24 @@ def text_loader(
     shuffle: bool,
     num_workers: int,
     seed: int,
+    group_by_length: bool = True,
+    pad_to_multiple_of: int = 8,
 ) -> DataLoader:
-    # multiples of 8 let tensor cores and fused kernels take the fast path, at little padding cost
-    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8, return_tensors="pt")
+    """Batches padded to their own longest text (rounded up to `pad_to_multiple_of`).
+
+    `group_by_length` puts texts of similar length together (see data/sampling.py): evaluation
+    batches in length order, training batches shuffled within and across length groups.
+    """
+    collator = PadToMultipleCollator(tokenizer.pad_token_id or 0, pad_to_multiple_of, tokenizer.padding_side)
+    common = dict(collate_fn=collator, num_workers=num_workers, pin_memory=torch.cuda.is_available())
+    if group_by_length:
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+        sampler = LengthGroupedBatchSampler(lengths, batch_size, shuffle, seed)
+        return DataLoader(dataset, batch_sampler=sampler, **common)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
-        collate_fn=collator,
-        num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        **common,
     )

@@ -1,0 +1,140 @@
+"""The output folder of a domain-adaptation run, and the model it loads back to.
+
+The backbone is the unchanged, frozen source model, so the folder names it instead of copying it:
+
+    adaptation.json              source model, task, adaptation settings, labels
+    adaptation_head.safetensors  standardisation, bottleneck and classifier (the discriminator only trains)
+    tca.safetensors              TCA's fitted map (method tca only)
+    README.md                    what was adapted to what, the target accuracy, how to load it
+
+`load_adapted_model(folder)` rebuilds backbone + pooling + map + head as one module whose forward
+takes the backbone's inputs (pixel values, or token ids from the source model's tokenizer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from hf_transfer.adapt import TransferComponentAnalysis
+from hf_transfer.domain import AdaptationHead, AdaptationRun, FeatureMap
+from hf_transfer.errors import HfTransferError
+from hf_transfer.recipe import AdaptationConfig, HeadConfig, ModelConfig
+from hf_transfer.sources.base import TransferModel
+from hf_transfer.sources.pooling import pooled_features
+
+ADAPTATION_FILE = "adaptation.json"
+HEAD_WEIGHTS_FILE = "adaptation_head.safetensors"
+TCA_FILE = "tca.safetensors"
+
+
+def save_adapted_model(run: AdaptationRun, folder: Path) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in run.model.model.state_dict().items()}
+    save_file(state, str(folder / HEAD_WEIGHTS_FILE))
+    feature_map = run.feature_map
+    if feature_map is not None:
+        arrays = {"samples": feature_map.tca.samples_, "components": feature_map.tca.components_,
+                  "mean": feature_map.mean, "std": feature_map.std}
+        # float64, as fitted: the map is a kernel product, and rounding it moves the head's input
+        save_file({k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)) for k, v in arrays.items()},
+                  str(folder / TCA_FILE))
+    recipe = run.recipe
+    info = {
+        "format": 1,
+        "task": recipe.task,
+        "source_model": dataclasses.asdict(recipe.model),
+        "adaptation": dataclasses.asdict(recipe.adaptation),
+        "in_features": run.model.model.bottleneck[0].in_features,
+        "label_names": run.model.label_names,
+        "tca": {"gamma": feature_map.tca.gamma_, "scale": feature_map.scale} if feature_map else None,
+    }
+    (folder / ADAPTATION_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+class AdaptedClassifier(nn.Module):
+    """Frozen backbone -> pooling -> (TCA map) -> adapted head: the backbone's inputs to logits."""
+
+    def __init__(self, backbone: TransferModel, pooling: str, head: AdaptationHead,
+                 feature_map: FeatureMap | None, label_names: list[str]):
+        super().__init__()
+        self.backbone, self.pooling, self.head = backbone, pooling, head
+        self.feature_map, self.label_names = feature_map, label_names
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        features = pooled_features(self.backbone, self.pooling, **inputs)
+        if self.feature_map is not None:
+            features = self.feature_map(features.float().cpu()).to(features.device)
+        return self.head(features)
+
+
+def _load_backbone(task: str, config: ModelConfig, label_names: list[str]) -> TransferModel:
+    if task == "text":
+        from hf_transfer.sources.text import load_text_model
+
+        return load_text_model(config, label_names)
+    from hf_transfer.sources.vision import load_vision_model
+
+    return load_vision_model(config, HeadConfig(), label_names)
+
+
+def _load_feature_map(folder: Path, config: AdaptationConfig, tca_info: dict[str, Any]) -> FeatureMap:
+    arrays = {k: v.numpy() for k, v in load_file(str(folder / TCA_FILE)).items()}
+    tca = TransferComponentAnalysis(config.tca_components, config.tca_kernel, config.tca_mu)
+    tca.samples_, tca.components_, tca.gamma_ = arrays["samples"], arrays["components"], tca_info["gamma"]
+    return FeatureMap(tca, arrays["mean"], arrays["std"], tca_info["scale"])
+
+
+def load_adapted_model(folder: str | Path) -> AdaptedClassifier:
+    """The adapted model of a run's output folder, in eval mode (the source backbone is loaded by name)."""
+    folder = Path(folder)
+    if not (folder / ADAPTATION_FILE).is_file():
+        raise HfTransferError(f"{folder} has no {ADAPTATION_FILE}; it is not the output folder of a domain-adaptation run.")
+    info = json.loads((folder / ADAPTATION_FILE).read_text())
+    config = AdaptationConfig(**info["adaptation"])
+    labels = info["label_names"]
+    head = AdaptationHead(info["in_features"], len(labels), config.bottleneck_dim, config.dropout)
+    head.load_state_dict(load_file(str(folder / HEAD_WEIGHTS_FILE)))
+    feature_map = _load_feature_map(folder, config, info["tca"]) if info["tca"] else None
+    backbone = _load_backbone(info["task"], ModelConfig(**info["source_model"]), labels)
+    return AdaptedClassifier(backbone, config.features, head, feature_map, labels).eval()
+
+
+def write_adaptation_card(folder: Path, summary: dict[str, Any]) -> Path:
+    """A short README.md: the generic model card would describe a single-domain classifier."""
+    adaptation = summary["adaptation"]
+    evaluation = summary["eval"]
+    lines = [
+        f"# {summary['recipe']}",
+        "",
+        f"Unsupervised domain adaptation with hf_transfer: method `{adaptation['method']}` on frozen "
+        f"`{summary['source_model']}` features ({adaptation['features']} pooling), from the labelled source "
+        f"`{adaptation['source_path']}` to the unlabelled target `{adaptation['target_path']}`.",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| target accuracy (last epoch; target labels used only for this) | {evaluation['accuracy']:.4f} |",
+        f"| target macro F1 | {evaluation['f1_macro']:.4f} |",
+        f"| source validation accuracy | {adaptation['source_validation_accuracy']:.4f} |",
+        f"| seed | {summary['seed']} |",
+        "",
+        "The backbone is the unchanged source model; this folder holds the adapted head "
+        f"(`{HEAD_WEIGHTS_FILE}`){' and the TCA map' if adaptation['method'] == 'tca' else ''}.",
+        "",
+        "```python",
+        "from hf_transfer.adapted_model import load_adapted_model",
+        "",
+        f'model = load_adapted_model("{folder}")  # inputs: what the source model takes (pixel_values or token ids)',
+        "logits = model(**inputs)",
+        "```",
+        "",
+    ]
+    path = folder / "README.md"
+    path.write_text("\n".join(lines))
+    return path
