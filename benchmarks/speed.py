@@ -94,11 +94,13 @@ def side_hf_transfer_text(args: argparse.Namespace) -> dict:
         "model": {"name": bert_base_dir(tokenizer_source(args)) if random_bert else MINILM, "pretrained": not random_bert},
         "data": {"path": str(Path(args.data_root) / "sst2"), "text_column": "sentence",
                  "label_names": ["negative", "positive"], "max_train_samples": args.train_samples,
-                 "max_length": 128, "pad_to_multiple_of": args.pad_to_multiple_of},
+                 "max_length": 128, "pad_to_multiple_of": args.pad_to_multiple_of,
+                 "group_by_length": not args.no_length_groups},
         "strategy": {"name": "full"},
         "training": {"epochs": args.epochs, "batch_size": args.batch_size, "eval_batch_size": 256, "lr": 5e-5,
                      "weight_decay": 0.0, "warmup_ratio": 0.0, "scheduler": "linear", "max_grad_norm": 1.0,
-                     "mixed_precision": args.precision, "seed": 42, "logging_steps": 500},
+                     "mixed_precision": args.precision, "seed": 42, "logging_steps": 500,
+                     "cuda_graphs": not args.eager},
         "output": {"dir": tempfile.mkdtemp(prefix="bench_out_"), "overwrite": True},
     }
     summary = run_training(recipe_from_dict(recipe))
@@ -115,8 +117,16 @@ def side_trainer_text(args: argparse.Namespace) -> dict:
     """transformers' text-classification example (run_glue.py) with its defaults: pad to max_seq_length 128."""
     import numpy as np
     import torch
-    from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, Trainer,
-                              TrainerCallback, TrainingArguments, default_data_collator, set_seed)
+    from transformers import (
+        AutoConfig,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        default_data_collator,
+        set_seed,
+    )
 
     set_seed(42)
     splits = sst2_splits(args)
@@ -282,14 +292,21 @@ SIDES = {
 # The comparisons: which sides, with which settings
 
 
-def _text_sides(model: str, precision: str, batch: int, pad: int, samples: int | None, epochs: int) -> list[tuple]:
+def _text_sides(model: str, precision: str, batch: int, pad: int, samples: int | None, epochs: int,
+                with_eager: bool = False) -> list[tuple]:
     common = ["--model", model, "--precision", precision, "--batch-size", str(batch), "--epochs", str(epochs)]
     if samples:
         common += ["--train-samples", str(samples)]
-    return [
+    ours = common + ["--pad-to-multiple-of", str(pad)]
+    sides = [
         ("transformers Trainer, pad to 128", "trainer_text", common),
-        (f"hf_transfer (length groups, pad to x{pad})", "hf_transfer_text", common + ["--pad-to-multiple-of", str(pad)]),
+        (f"hf_transfer (length groups, pad to x{pad})", "hf_transfer_text", ours),
     ]
+    if precision == "no":  # on the CPU: random batches padded to their own longest, to show what grouping adds
+        sides.append((f"hf_transfer, no length groups (pad to x{pad})", "hf_transfer_text", ours + ["--no-length-groups"]))
+    if with_eager:  # on a GPU: the same loop without CUDA graphs, to show what they add
+        sides.append((f"hf_transfer, no CUDA graphs (length groups, pad to x{pad})", "hf_transfer_text", ours + ["--eager"]))
+    return sides
 
 
 def comparisons(name: str, options: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
@@ -299,7 +316,7 @@ def comparisons(name: str, options: argparse.Namespace) -> list[tuple[str, str, 
     if name == "text-cpu":
         return _text_sides("minilm", "no", 32, 8, options.train_samples or 2000, options.epochs or 2)
     if name == "gpu-text":
-        return _text_sides("bert-base", "bf16", 32, 16, options.train_samples or 16000, options.epochs or 2)
+        return _text_sides("bert-base", "bf16", 32, 16, options.train_samples or 16000, options.epochs or 2, True)
     if name == "gpu-fixed":
         return _text_sides("bert-base", "bf16", 64, 128, options.train_samples or 12800, options.epochs or 2)
     if name == "gpu-e2e":
@@ -364,7 +381,7 @@ def markdown(name: str, rows: list[tuple[str, dict]], command: str, note: str | 
     columns = [key for key in rows[0][1] if key != "feature_cache"]
     for _, result in rows[1:]:
         columns += [key for key in result if key not in columns and key != "feature_cache"]
-    lines = [f"### {name} — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "",
+    lines = [f"#### {name} — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "",
              f"- command: `{command}`", f"- machine: {machine()}", f"- versions: {versions()}"]
     if note:
         lines.append(f"- note: {note}")
@@ -386,9 +403,10 @@ def ratio_lines(name: str, rows: list[tuple[str, dict]]) -> list[str]:
     if name == "gpu-images":
         ceiling = base["images_per_s"]
         return [f"- {label}: {100 * r['images_per_s'] / ceiling:.0f}% of the ceiling" for label, r in rows[1:]]
-    return [f"- steady state: {ours['steady_samples_per_s'] / base['steady_samples_per_s']:.2f}x the Trainer; "
-            f"end to end (process wall time): {base['wall_seconds'] / ours['wall_seconds']:.2f}x",
-            f"- dev accuracy difference: {100 * (ours['dev_accuracy'] - base['dev_accuracy']):+.1f} points"]
+    return [f"- {label}: steady state {r['steady_samples_per_s'] / base['steady_samples_per_s']:.2f}x the Trainer; "
+            f"end to end (process wall time) {base['wall_seconds'] / r['wall_seconds']:.2f}x; "
+            f"dev accuracy {100 * (r['dev_accuracy'] - base['dev_accuracy']):+.1f} points"
+            for label, r in rows[1:]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -408,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--pad-to-multiple-of", type=int, default=8)
     parser.add_argument("--cached", action="store_true")
+    parser.add_argument("--eager", action="store_true", help="hf_transfer side without CUDA graphs")
+    parser.add_argument("--no-length-groups", action="store_true", help="hf_transfer side with random batches")
     parser.add_argument("--pipeline", default="ready")
     parser.add_argument("--warmup-steps", type=int, default=5)
     options = parser.parse_args(argv)

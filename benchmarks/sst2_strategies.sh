@@ -6,7 +6,7 @@ SST2=${SST2:-../shared/data/sst2}
 OUT=${1:-runs/sst2_strategies}
 common=(--recipe minilm_sentiment --overwrite --set data.path="$SST2" data.text_column=sentence
         "data.label_names=[negative, positive]" data.max_train_samples=4000 training.epochs=3 training.batch_size=32)
-for setting in "freeze_backbone 1e-3" "lora 5e-4" "full 5e-5"; do
+for setting in "freeze_backbone 5e-3" "lora 5e-4" "full 5e-5"; do
   set -- $setting
   /usr/bin/time -f "$1 wall %e s, peak RSS %M KB" \
     hf-transfer train "${common[@]}" strategy.name="$1" training.lr="$2" --output-dir "$OUT/$1"

@@ -13,7 +13,8 @@ losses, computed on the two batches' features, to the source task loss:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import scipy.linalg

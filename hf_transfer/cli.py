@@ -85,10 +85,14 @@ def _add_evaluate(subcommands: argparse._SubParsersAction) -> None:
 
 
 def evaluate_command(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from hf_transfer.evaluation import evaluate_saved_model
+    from hf_transfer.inference import check_command_can_load
 
     if args.batch_size < 1:
         raise HfTransferError("--batch-size must be >= 1.")
+    check_command_can_load(Path(args.output_dir))
     result = evaluate_saved_model(
         args.output_dir, args.data, split=args.split, overrides=args.overrides, name=args.name,
         batch_size=args.batch_size, overwrite=args.overwrite,
@@ -119,13 +123,14 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
 def predict_command(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from hf_transfer.inference import is_text_model, predict_texts
+    from hf_transfer.inference import check_command_can_load, is_text_model, predict_texts
     from hf_transfer.predict import find_images, format_prediction, predict_images
 
     if args.top_k < 1 or args.batch_size < 1:
         raise HfTransferError("--top-k and --batch-size must be >= 1.")
     if not Path(args.model_dir).is_dir():
         raise HfTransferError(f"{args.model_dir} is not a folder; give the output folder of a run.")
+    check_command_can_load(Path(args.model_dir))
     if is_text_model(Path(args.model_dir)):
         predictions = predict_texts(args.model_dir, args.inputs, args.top_k, args.batch_size, args.text_column)
     else:

@@ -32,10 +32,20 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from hf_transfer.adapt import DomainDiscriminator, TransferComponentAnalysis, dann_weight, domain_loss
+from hf_transfer.adapt import (
+    DomainDiscriminator,
+    TransferComponentAnalysis,
+    dann_weight,
+    domain_loss,
+)
 from hf_transfer.errors import HfTransferError
 from hf_transfer.example_features import ExampleFeatureStore, stored_features
-from hf_transfer.features import CachedFeatures, FeatureKey, cached_loader, weights_digest
+from hf_transfer.features import (
+    CachedFeatures,
+    FeatureKey,
+    cached_loader,
+    weights_digest,
+)
 from hf_transfer.recipe import AdaptationConfig, Recipe
 from hf_transfer.sources.base import TransferModel
 from hf_transfer.sources.pooling import PooledFeatures

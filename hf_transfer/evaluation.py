@@ -23,7 +23,13 @@ from hf_transfer.errors import HfTransferError
 from hf_transfer.export import staged, write_json
 from hf_transfer.inference import load_text_classifier, run_label_names, run_recipe
 from hf_transfer.metrics import classification_metrics
-from hf_transfer.recipe import DataConfig, Recipe, _merge, parse_overrides, recipe_from_dict
+from hf_transfer.recipe import (
+    DataConfig,
+    Recipe,
+    _merge,
+    parse_overrides,
+    recipe_from_dict,
+)
 
 EVALUATIONS_DIR = "evaluations"
 
@@ -53,7 +59,9 @@ def pick_split(raw: DatasetDict, wanted: str | None) -> tuple[str, Dataset]:
 
 def _encode(dataset: Dataset, split: str, config: DataConfig, columns: list[str], names: list[str]) -> Dataset:
     """Columns checked, labels mapped to the model's ids (an unknown label is an error)."""
-    from hf_transfer.data.splits import _encode_labels  # the training path's own label mapping
+    from hf_transfer.data.splits import (
+        _encode_labels,  # the training path's own label mapping
+    )
 
     if len(dataset) == 0:
         raise HfTransferError(f"The {split} split is empty; give it some examples.")
@@ -90,7 +98,12 @@ def _image_loader(folder: Path, recipe: Recipe, split: str | None, names: list[s
     from timm.data import create_transform
 
     from hf_transfer.data.images import (
-        _as_undecoded_images, check_images, default_num_workers, image_loader, load_raw_images, with_transform,
+        _as_undecoded_images,
+        check_images,
+        default_num_workers,
+        image_loader,
+        load_raw_images,
+        with_transform,
     )
     from hf_transfer.predict import _data_config, load_saved_model
 

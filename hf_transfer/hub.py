@@ -247,7 +247,10 @@ def write_model_card(output_dir: Path, recipe: Recipe, summary: dict[str, Any], 
     """README.md (the model card) plus its two pictures, written into `output_dir`."""
     from huggingface_hub import ModelCard
 
-    from hf_transfer.plots import plot_confusion_matrix, plot_training_curves  # matplotlib: only when drawing
+    from hf_transfer.plots import (  # matplotlib: only when drawing
+        plot_confusion_matrix,
+        plot_training_curves,
+    )
 
     if not CARD_TEMPLATE.is_file():
         raise HfTransferError(
@@ -264,6 +267,13 @@ def write_model_card(output_dir: Path, recipe: Recipe, summary: dict[str, Any], 
     path = output_dir / "README.md"
     write_text(path, str(card))
     return path
+
+
+def has_generic_card(folder: Path, recipe: Recipe) -> bool:
+    """Two-tower and domain-adapted runs write their own short cards (see run.py), kept as they are."""
+    from hf_transfer.adapted_model import ADAPTATION_FILE
+
+    return recipe.task != "multimodal" and not (folder / ADAPTATION_FILE).is_file()
 
 
 def load_run(folder: Path) -> tuple[Recipe, dict[str, Any]] | None:
@@ -333,7 +343,7 @@ def push_folder(
             f"started). {again} once the Hub can be reached."
         )
     run = load_run(folder)
-    if run is not None:  # the card's "how to use" names the repository from now on
+    if run is not None and has_generic_card(folder, run[0]):  # its "how to use" names the repository from now on
         write_model_card(folder, *run, repo_id=repo_id)
     api = HfApi(endpoint=endpoint, token=token)
     try:

@@ -52,6 +52,21 @@ def run_label_names(folder: Path) -> list[str]:
     raise HfTransferError(f"{folder} records no label names (no metrics.json or config.json with id2label).")
 
 
+def check_command_can_load(folder: Path) -> None:
+    """`evaluate` and `predict` serve text (transformers / peft) and image (timm) folders; two-tower and
+    domain-adapted models are not one library's classifier and load in Python instead."""
+    from hf_transfer.adapted_model import ADAPTATION_FILE
+    from hf_transfer.multimodal import MULTIMODAL_FILE
+
+    python_only = {
+        MULTIMODAL_FILE: "a two-tower model; load it with hf_transfer.multimodal.load_two_tower(folder)",
+        ADAPTATION_FILE: "a domain-adapted model; load it with hf_transfer.adapted_model.load_adapted_model(folder)",
+    }
+    for marker, what in python_only.items():
+        if (folder / marker).is_file():
+            raise HfTransferError(f"{folder} holds {what}; evaluate and predict do not serve it yet.")
+
+
 def is_text_model(folder: Path) -> bool:
     """A run of task text, or a transformers classifier folder (timm folders have 'architecture')."""
     if (folder / "recipe.yaml").is_file():
@@ -115,8 +130,9 @@ def read_texts(inputs: list[str], text_column: str) -> list[str]:
         if path.suffix == ".txt" and path.is_file():
             texts.extend(line for line in path.read_text().splitlines() if line.strip())
         elif path.suffix in TABLE_SUFFIXES and path.is_file():
-            from hf_transfer.data.splits import FILE_BUILDERS, check_columns
             from datasets import load_dataset
+
+            from hf_transfer.data.splits import FILE_BUILDERS, check_columns
 
             builder, kwargs = FILE_BUILDERS[path.suffix]
             table = load_dataset(builder, data_files=str(path), split="train", **kwargs)

@@ -44,7 +44,10 @@ def requested_cpu_processes() -> int:
     arguments = _accelerate_launch_arguments()
     if arguments is None:
         return 1
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.commands.launch import (
+        _validate_launch_command,
+        launch_command_parser,
+    )
 
     try:  # resolve the count exactly as Accelerate did: flags, then its config file
         parsed, _, _ = _validate_launch_command(launch_command_parser().parse_args(arguments))

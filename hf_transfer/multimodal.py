@@ -29,7 +29,13 @@ from torch.utils.data import DataLoader
 from hf_transfer.data.sampling import PadToMultipleCollator
 from hf_transfer.errors import HfTransferError
 from hf_transfer.heads import MLPHead
-from hf_transfer.recipe import DataConfig, ModelConfig, MultimodalConfig, Recipe, StrategyConfig
+from hf_transfer.recipe import (
+    DataConfig,
+    ModelConfig,
+    MultimodalConfig,
+    Recipe,
+    StrategyConfig,
+)
 from hf_transfer.sources.base import TransferModel
 from hf_transfer.sources.pooling import pooled_features
 from hf_transfer.strategies import EpochHook, apply_strategy
@@ -197,7 +203,11 @@ def multimodal_loader(dataset: Dataset, collator: MultimodalCollator, batch_size
 
 def build_multimodal_task(recipe: Recipe) -> Any:
     """The run's Task for `task: multimodal` (registered in run.TASKS)."""
-    from hf_transfer.data.images import default_num_workers, image_transforms, load_image_splits
+    from hf_transfer.data.images import (
+        default_num_workers,
+        image_transforms,
+        load_image_splits,
+    )
     from hf_transfer.data.splits import check_columns
     from hf_transfer.run import Task
     from hf_transfer.sources.vision import model_data_config
@@ -280,3 +290,34 @@ def load_two_tower(folder: str | Path) -> TwoTowerClassifier:
     fusion = build_fusion(config, image_tower.model.num_features, text_tower.model.config.hidden_size, len(info["label_names"]))
     fusion.load_state_dict(load_file(str(folder / FUSION_WEIGHTS_FILE)))
     return TwoTowerClassifier(image_tower, text_tower, fusion, info["label_names"], config.text_pooling).eval()
+
+
+def write_two_tower_card(folder: Path, recipe: Recipe, summary: dict[str, Any]) -> Path:
+    """A short README.md: the generic model card describes a model that one library loads alone."""
+    config = recipe.multimodal
+    evaluation = summary["eval"]
+    lines = [
+        f"# {recipe.name}",
+        "",
+        f"A two-tower classifier trained with hf_transfer: image tower `{config.image_model.name}`, text tower "
+        f"`{config.text_model.name}`, joined by a `{config.fusion}` fusion head, on `{recipe.data.path}` "
+        f"(image column `{recipe.data.image_column}`, text column `{recipe.data.text_column}`).",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| validation accuracy (best epoch {summary['best_epoch']}) | {evaluation['accuracy']:.4f} |",
+        f"| validation macro F1 | {evaluation['f1_macro']:.4f} |",
+        f"| trainable parameters | {summary['trainable_parameters']:,} of {summary['total_parameters']:,} |",
+        f"| seed | {summary['seed']} |",
+        "",
+        "```python",
+        "from hf_transfer.multimodal import load_two_tower",
+        "",
+        f'model = load_two_tower("{folder}")  # inputs: pixel_values plus the text tokenizer\'s outputs',
+        "logits = model(**inputs)",
+        "```",
+        "",
+    ]
+    path = folder / "README.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -92,7 +92,8 @@ class LoraConfig:
     r: int = _f(8, "Rank of the LoRA update matrices.")
     alpha: int = _f(16, "LoRA scaling numerator (the update is scaled by alpha / r).")
     dropout: float = _f(0.1, "Dropout on the LoRA branch.")
-    target_modules: list[str] | None = _f(None, "Module names to adapt; default: the model's attention projections.")
+    target_modules: list[str] | None = _f(None, "Module names to adapt; default: the attention projections (text), the attention and MLP linears (timm "
+        "ViTs); CNNs have no default, so name their modules.")
 
 
 @dataclass
@@ -205,7 +206,7 @@ class TrainingConfig:
     checkpoint_every_steps: int | None = _f(
         None, "Also checkpoint every this many optimiser steps, mid-epoch (long epochs); null: at epoch ends only."
     )
-    num_workers: int | None = _f(None, "DataLoader worker processes; null picks from the CPU count.")
+    num_workers: int | None = _f(None, "DataLoader worker processes; null: 0 for text (tokenised batches are cheap), from the CPU count for images.")
     cache_features: bool | Literal["auto"] = _f(
         "auto",
         "Frozen-feature cache: with strategy freeze_backbone, compute the backbone's features once and train the "
@@ -224,7 +225,8 @@ class TrainingConfig:
         True,
         "Replay each training step as one CUDA graph per batch shape (removes per-kernel launch cost, the "
         "bottleneck of small batches), where the run allows it: one CUDA GPU, bf16 or fp32, no accumulation, "
-        "adam/adamw, no gradual unfreezing, no torch.compile. Elsewhere, and when false, steps run eagerly.",
+        "adam/adamw, no one-cycle schedule, no gradual unfreezing, no domain-adaptation loss, no torch.compile. "
+        "Elsewhere, and when false, steps run eagerly.",
     )
     compile: Literal["no", "default", "reduce-overhead", "max-autotune"] = _f(
         "no", "torch.compile the model with this mode; compiling costs time up front (minutes for large models)."

@@ -22,11 +22,19 @@ from hf_transfer.checkpoint import Checkpointer, find_resume_checkpoint
 from hf_transfer.domain import prepare_adaptation
 from hf_transfer.errors import HfTransferError
 from hf_transfer.export import prepare_output_dir, staged, write_json, write_text
-from hf_transfer.features import CachedTraining, FeatureSource, prepare_cached_training, unsupported_reason
+from hf_transfer.features import (
+    CachedTraining,
+    FeatureSource,
+    prepare_cached_training,
+    unsupported_reason,
+)
 from hf_transfer.hub import push_folder, write_model_card
 from hf_transfer.recipe import Recipe, StrategyConfig
-from hf_transfer.sources.offline import hub_is_offline, use_offline_mode_if_hub_unreachable
 from hf_transfer.sources.base import TransferModel
+from hf_transfer.sources.offline import (
+    hub_is_offline,
+    use_offline_mode_if_hub_unreachable,
+)
 from hf_transfer.strategies import EpochHook, apply_strategy, count_parameters
 from hf_transfer.trainer import TrainResult, train
 
@@ -94,9 +102,17 @@ def build_text_task(recipe: Recipe) -> Task:
 
 def build_image_task(recipe: Recipe) -> Task:
     from hf_transfer.data.images import (
-        default_num_workers, image_loader, image_transforms, load_image_splits, with_transform,
+        default_num_workers,
+        image_loader,
+        image_transforms,
+        load_image_splits,
+        with_transform,
     )
-    from hf_transfer.sources.vision import load_vision_model, model_data_config, save_vision_model
+    from hf_transfer.sources.vision import (
+        load_vision_model,
+        model_data_config,
+        save_vision_model,
+    )
 
     seed, training, data = recipe.training.seed, recipe.training, recipe.data
     workers = training.num_workers if training.num_workers is not None else default_num_workers()
@@ -313,10 +329,15 @@ def run_training(recipe: Recipe, resume: str | None = None) -> dict[str, Any]:
             f"best epoch {result.best_epoch}: accuracy {result.best_metrics['accuracy']:.4f}, "
             f"macro F1 {result.best_metrics['f1_macro']:.4f}; saved to {output_dir}"
         )
-        if adaptation:  # the generic card describes a classifier of one domain, loadable by its library
+        # the generic card describes a classifier of one domain that its own library loads
+        if adaptation:
             from hf_transfer.adapted_model import write_adaptation_card
 
             write_adaptation_card(output_dir, summary)
+        elif recipe.task == "multimodal":
+            from hf_transfer.multimodal import write_two_tower_card
+
+            write_two_tower_card(output_dir, recipe, summary)
         else:
             write_model_card(output_dir, recipe, summary)
     accelerator.end_training()

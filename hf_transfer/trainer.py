@@ -23,8 +23,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from hf_transfer.checkpoint import (
+    Checkpointer,
+    LoopState,
+    resume_batches,
+    set_loader_epoch,
+)
 from hf_transfer.cuda_graphs import GraphedStep, make_lr_tensors
-from hf_transfer.checkpoint import Checkpointer, LoopState, resume_batches, set_loader_epoch
 from hf_transfer.errors import HfTransferError
 from hf_transfer.metrics import classification_metrics, scalar_metrics
 from hf_transfer.recipe import TrainingConfig

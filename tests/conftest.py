@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach the Hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -40,13 +41,13 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def keyword_sentences(count: int, seed: int) -> list[dict]:
+def keyword_sentences(count: int, seed: int, vocabulary: list[str] = WORDS, length: tuple[int, int] = (4, 10)) -> list[dict]:
     """Random sentences whose label is decided by one keyword: learnable, and only by reading."""
     rng = random.Random(seed)
     rows = []
     for i in range(count):
         label = "positive" if i % 2 == 0 else "negative"
-        words = rng.choices(WORDS, k=rng.randint(4, 10))
+        words = rng.choices(vocabulary, k=rng.randint(*length))
         words.insert(rng.randrange(len(words) + 1), POSITIVE if label == "positive" else NEGATIVE)
         rows.append({"text": " ".join(words), "label": label})
     rng.shuffle(rows)
@@ -66,3 +67,23 @@ def keyword_data(tmp_path: Path) -> Path:
     write_jsonl(folder / "train.jsonl", keyword_sentences(160, seed=1))
     write_jsonl(folder / "validation.jsonl", keyword_sentences(60, seed=2))
     return folder
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Accelerate keeps one process-wide state; a test that made an Accelerator (cpu=True, say) must
+    not decide the precision or device of the next test's run, as it would in one real process."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared CPU: one intra-op thread is faster than two contended, and gives the
+    same summation order here as in the subprocesses some tests start (OMP_NUM_THREADS=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from conftest import SHARED_DATA, keyword_sentences, write_jsonl
 
-from conftest import NEGATIVE, POSITIVE, SHARED_DATA, keyword_sentences, write_jsonl
 from hf_transfer.adapted_model import load_adapted_model
 from hf_transfer.domain import DomainFeatures, SourceWithTarget, build_adaptation_run
 from hf_transfer.errors import HfTransferError
@@ -23,25 +22,10 @@ from hf_transfer.trainer import train
 TARGET_WORDS = ["gadget", "battery", "cable", "screen", "charger", "works", "broke", "after", "week", "my"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices on a shared CPU: extra threads only add synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def target_sentences(count: int, seed: int) -> list[dict]:
     """The same keyword rule in other words (the tiny vocabulary reads them as [UNK]): a shifted domain."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(count):
-        label = "positive" if i % 2 == 0 else "negative"
-        words = rng.choices(TARGET_WORDS, k=rng.randint(6, 12))
-        words.insert(rng.randrange(len(words) + 1), POSITIVE if label == "positive" else NEGATIVE)
-        rows.append({"text": " ".join(words), "label": label})
-    return rows
+    return keyword_sentences(count, seed, vocabulary=TARGET_WORDS, length=(6, 12))
 
 
 def domain_recipe(model_dir: Path, source: Path, target: Path, output: Path, **adaptation) -> dict:

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import NEGATIVE, POSITIVE, WORDS
 from PIL import Image
 
-from conftest import NEGATIVE, POSITIVE, WORDS
 from hf_transfer.errors import HfTransferError
 from hf_transfer.multimodal import ConcatFusion, GatedFusion, load_two_tower
 from hf_transfer.recipe import recipe_from_dict
@@ -20,14 +20,6 @@ from hf_transfer.run import run_training
 SIZE = 32
 COLOURS = {"red": (200, 50, 40), "blue": (40, 60, 200)}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices on a shared CPU: extra threads only add synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_split(folder: Path, split: str, count: int, seed: int) -> None:
@@ -99,7 +91,7 @@ def test_each_tower_alone_stays_near_chance(tiny_bert_dir, xor_data, tmp_path):
         assert 0.3 <= accuracy <= 0.7, (single["task"], accuracy)
 
 
-def test_saved_two_tower_model_reloads_with_identical_logits(tiny_bert_dir, xor_data, tmp_path):
+def test_saved_two_tower_model_reloads_with_identical_logits(tiny_bert_dir, xor_data, tmp_path, capsys):
     from hf_transfer import run as run_module
 
     captured = {}
@@ -129,6 +121,11 @@ def test_saved_two_tower_model_reloads_with_identical_logits(tiny_bert_dir, xor_
     with torch.no_grad():
         assert torch.allclose(trained(**inputs), reloaded(**inputs), atol=1e-5)
     assert isinstance(reloaded.model["fusion"], GatedFusion)
+    # the commands that serve one library's classifier say how to load this one instead
+    from hf_transfer.cli import main
+
+    assert main(["predict", str(tmp_path / "out"), "a caption"]) == 2
+    assert "load_two_tower(folder); evaluate and predict do not serve it yet" in capsys.readouterr().err
 
 
 def test_fusion_heads_map_two_feature_widths_to_classes():

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import NEGATIVE, POSITIVE, WORDS, keyword_sentences, write_jsonl
 
-from conftest import WORDS, NEGATIVE, POSITIVE, keyword_sentences, write_jsonl
 from hf_transfer.cli import main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import NEGATIVE, POSITIVE, keyword_sentences, write_jsonl
 from fake_hub import start_fake_hub
+
 from hf_transfer.cli import main
 from hf_transfer.errors import HfTransferError
 from hf_transfer.recipe import recipe_from_dict
@@ -28,14 +28,6 @@ from hf_transfer.run import run_training
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "hf_FakeTokenThatMustNeverBeShown42"
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Same kernels, same summation order, in this process and in the subprocesses (OMP_NUM_THREADS=1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def recipe_values(model_dir: Path, data_dir: Path, output_dir: Path, **sections) -> dict:

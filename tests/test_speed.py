@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import keyword_sentences, write_jsonl
+
 from hf_transfer.data.sampling import LengthGroupedBatchSampler, PadToMultipleCollator
 from hf_transfer.errors import HfTransferError
 from hf_transfer.features import FeatureCache, FeatureKey, weights_digest
@@ -30,14 +30,6 @@ def text_recipe(model_dir: Path, data_dir: Path, output_dir: Path, **training) -
         "output": {"dir": str(output_dir), "overwrite": True},
     }
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CPU is shared: one intra-op thread is faster for these tiny models than two contended."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def train_text(model_dir: Path, data_dir: Path, output_dir: Path, **training) -> dict:

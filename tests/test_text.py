@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import POSITIVE, keyword_sentences, write_jsonl
+
 from hf_transfer.errors import HfTransferError
 from hf_transfer.recipe import recipe_from_dict
 from hf_transfer.run import run_training

@@ -15,21 +15,19 @@ from PIL import Image
 
 from hf_transfer import run as run_module
 from hf_transfer.errors import HfTransferError
-from hf_transfer.recipe import AugmentConfig, DataConfig, HeadConfig, ModelConfig, recipe_from_dict
+from hf_transfer.recipe import (
+    AugmentConfig,
+    DataConfig,
+    HeadConfig,
+    ModelConfig,
+    recipe_from_dict,
+)
 from hf_transfer.run import run_training
 
 SHARED_DATA = Path(os.environ.get("HF_TRANSFER_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 COLOURS = {"blue": (40, 60, 200), "red": (200, 50, 40)}
 SIZE = 32
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CPU is shared: one intra-op thread is many times faster for 32 px models than two contended."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def colour_image(colour: tuple[int, int, int], rng: np.random.Generator) -> Image.Image:

@@ -23,13 +23,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import Dataset, DatasetDict, Image as ImageFeature, Value, load_dataset
+from datasets import Dataset, DatasetDict, Value, load_dataset
+from datasets import Image as ImageFeature
 from datasets.data_files import SPLIT_KEYWORDS
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
-from hf_transfer.data.splits import FILE_BUILDERS, LabelledSplits, labelled_splits, load_raw
+from hf_transfer.data.splits import (
+    FILE_BUILDERS,
+    LabelledSplits,
+    labelled_splits,
+    load_raw,
+)
 from hf_transfer.errors import HfTransferError
 from hf_transfer.recipe import AugmentConfig, DataConfig
 

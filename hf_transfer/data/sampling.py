@@ -12,8 +12,8 @@ yields whole batches so every batch is exactly one length group.
 from __future__ import annotations
 
 import math
-from itertools import chain
 from collections.abc import Iterator, Sequence
+from itertools import chain
 
 import torch
 from torch.utils.data import Sampler

@@ -16,8 +16,8 @@ import functools
 import importlib.util
 import os
 import socket
-from urllib.parse import urlparse
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 

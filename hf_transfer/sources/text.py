@@ -10,12 +10,20 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 
 from hf_transfer.errors import HfTransferError
 from hf_transfer.recipe import ModelConfig
 from hf_transfer.sources.base import TransferModel, blocks_from_layers
-from hf_transfer.sources.offline import hub_is_offline, offline_model_names, offline_text_model_dir
+from hf_transfer.sources.offline import (
+    hub_is_offline,
+    offline_model_names,
+    offline_text_model_dir,
+)
 
 
 def _layer_stack(model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:

@@ -23,14 +23,20 @@ import timm
 import torch
 from timm.data import resolve_data_config
 from timm.models import group_parameters, save_for_hf
-from timm.models._hub import save_config_for_hf  # not re-exported by timm.models; the config half of save_for_hf
+from timm.models._hub import (
+    save_config_for_hf,  # not re-exported by timm.models; the config half of save_for_hf
+)
 from torch import nn
 
 from hf_transfer.errors import HfTransferError
 from hf_transfer.heads import build_head, zero_init_output
 from hf_transfer.recipe import HeadConfig, ModelConfig, Recipe
 from hf_transfer.sources.base import TransferModel
-from hf_transfer.sources.offline import OFFLINE_VISION_MODELS, hub_is_offline, offline_timm_state_dict
+from hf_transfer.sources.offline import (
+    OFFLINE_VISION_MODELS,
+    hub_is_offline,
+    offline_timm_state_dict,
+)
 
 OFFLINE_ARCHITECTURE = "tf_efficientnet_lite0"  # the architecture the packaged weights fit
 HEAD_INFO_FILE = "hf_transfer.json"  # what timm's config.json cannot say: the head, the source

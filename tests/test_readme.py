@@ -1,0 +1,103 @@
+"""README.md stays complete: every recipe, every recipe key, every command-line option, and the
+set-up and test commands that CI (.ci/run) runs. Fast: nothing trains, nothing is downloaded."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import typing
+from pathlib import Path
+
+from hf_transfer.cli import build_parser
+from hf_transfer.recipe import Recipe
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+
+
+def recipe_keys(cls: type = Recipe, prefix: str = "") -> list[str]:
+    """Every dotted key of the recipe schema, sections' own keys included (`training.lr`, `data.augment.scale`)."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        key = prefix + field.name
+        if dataclasses.is_dataclass(hints[field.name]):
+            keys.extend(recipe_keys(hints[field.name], key + "."))
+        else:
+            keys.append(key)
+    return keys
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert len(actions) == 1, "hf_transfer.cli.build_parser() should have one set of subcommands"
+    return dict(actions[0].choices)
+
+
+def section(heading: str) -> str:
+    """The README text under a markdown heading, up to the next heading of any level."""
+    match = re.search(rf"^#+ {re.escape(heading)}\s*$(.*?)(?=^#+ |\Z)", README, re.MULTILINE | re.DOTALL)
+    assert match, f"README.md has no heading '{heading}'"
+    return match.group(1)
+
+
+def code_lines(text: str) -> list[str]:
+    """The lines inside fenced code blocks of `text`."""
+    blocks = re.findall(r"^```[^\n]*\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def ci_commands() -> tuple[list[str], str]:
+    """(set-up commands, test command) of .ci/run: the commands after its housekeeping lines."""
+    commands = []
+    for line in (REPO / ".ci" / "run").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or line.startswith(("set ", "cd ", "rm ")):
+            continue
+        commands.append(line)
+    tests = [c for c in commands if "pytest" in c]
+    assert len(tests) == 1, f".ci/run should run pytest once, found {tests}"
+    return commands[: commands.index(tests[0])], tests[0]
+
+
+def test_readme_names_every_recipe():
+    stems = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
+    assert stems, "no recipes found in recipes/"
+    missing = [s for s in stems if f"`{s}`" not in README]
+    assert not missing, f"README.md does not mention these recipes (as `name`): {missing}"
+
+
+def test_readme_names_every_recipe_key():
+    keys = recipe_keys()
+    assert "training.lr" in keys and "data.augment.scale" in keys
+    missing = [k for k in keys if f"`{k}`" not in README]
+    assert not missing, f"README.md does not mention these recipe keys (as `key`): {missing}"
+
+
+def test_readme_names_every_option_of_every_subcommand():
+    commands = subcommands()
+    assert {"train", "predict", "evaluate", "push"} <= set(commands)
+    missing = []
+    for name, parser in commands.items():
+        text = section(f"`hf-transfer {name}`")
+        for action in parser._actions:
+            for option in action.option_strings:
+                if option.startswith("--") and option != "--help" and not re.search(
+                    rf"`{re.escape(option)}[` ]", text
+                ):
+                    missing.append(f"{name} {option}")
+    assert not missing, f"README.md's command sections do not mention these options: {missing}"
+
+
+def test_setup_and_test_commands_match_ci():
+    setup, test_command = ci_commands()
+    setup_lines = code_lines(section("Set up and run (fresh machine, no network needed)"))
+    assert setup_lines, "README.md's set-up section has no code block"
+    assert setup_lines[0] == " && ".join(setup), (
+        f"README.md's set-up command is {setup_lines[0]!r}; .ci/run runs {' && '.join(setup)!r}"
+    )
+    assert setup_lines[1:] == ["accelerate launch scripts/train.py --recipe minilm_sentiment"], setup_lines
+    test_lines = code_lines(section("Test"))
+    assert test_lines == [test_command], f"README.md's test command is {test_lines}; .ci/run runs {test_command!r}"
