@@ -193,7 +193,9 @@ class TrainingConfig:
     max_grad_norm: float | None = _f(1.0, "Clip the gradient norm to this; null disables clipping.")
     mixed_precision: Literal["no", "fp16", "bf16"] | None = _f(None, "Precision; null takes the accelerate config's.")
     seed: int = _f(42, "Seed of every random choice (sampling, initialisation, shuffling, dropout).")
-    metric_for_best: str = _f("accuracy", "Validation metric that picks the best epoch (higher is better).")
+    metric_for_best: Literal["accuracy", "f1_macro"] = _f(
+        "accuracy", "Validation metric that picks the best epoch (higher is better)."
+    )
     early_stopping_patience: int | None = _f(None, "Stop after this many epochs without a better metric_for_best.")
     class_weights: str | list[float] | None = _f(None, "Loss weight per class: a list, 'auto' (inverse frequency), or null.")
     label_smoothing: float = _f(0.0, "Label smoothing of the cross-entropy loss.")

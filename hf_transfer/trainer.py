@@ -296,11 +296,6 @@ def train(
         if accelerator.is_main_process:  # through tqdm, so the line does not land inside the bar
             progress.write(f"epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
 
-        if config.metric_for_best not in metrics:
-            raise HfTransferError(
-                f"training.metric_for_best '{config.metric_for_best}' is not a metric; "
-                f"choose one of {sorted(scalar_metrics(metrics))}."
-            )
         score = metrics[config.metric_for_best]
         if score > state.best_score or not select_best_epoch:
             state.best_score, best_state, state.epochs_without_gain = score, _snapshot(accelerator.unwrap_model(model)), 0

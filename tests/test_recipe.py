@@ -61,6 +61,7 @@ def test_missing_recipe_lists_the_available_ones() -> None:
         (["training.lr"], "Override 'training.lr' is not KEY=VALUE"),
         (["data.validation_fraction=1.5"], "data.validation_fraction must lie between 0 and 1"),
         (["strategy.name=everything"], "strategy.name"),
+        (["training.metric_for_best=num_samples"], "not one of 'accuracy', 'f1_macro'"),
     ],
 )
 def test_bad_values_are_one_clear_error(overrides: list[str], message: str) -> None:

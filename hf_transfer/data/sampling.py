@@ -18,9 +18,11 @@ from itertools import chain
 import torch
 from torch.utils.data import Sampler
 
-# A shuffled window of this many batches is sorted by length and cut into batches: large enough
-# that batches are tight, small enough that each epoch still mixes lengths and examples.
-GROUP_BATCHES = 64
+# A shuffled window of this many batches is sorted by length and cut into batches. Small on purpose:
+# with 64 (transformers' LengthGroupedSampler uses 50) batches were so uniform in length that MiniLM
+# fine-tuned on 2,000 SST-2 sentences lost 2.6 dev points against random batches; with 4 it lost
+# about half a point and kept most of the padding saving (benchmarks/BENCHMARKS.md, text-cpu).
+GROUP_BATCHES = 4
 
 
 class LengthGroupedBatchSampler(Sampler[list[int]]):
