@@ -26,6 +26,7 @@ from torch import nn
 from hf_transfer.adapt import TransferComponentAnalysis
 from hf_transfer.domain import AdaptationHead, AdaptationRun, FeatureMap
 from hf_transfer.errors import HfTransferError
+from hf_transfer.export import write_python_card
 from hf_transfer.recipe import AdaptationConfig, HeadConfig, ModelConfig
 from hf_transfer.sources.base import TransferModel
 from hf_transfer.sources.pooling import pooled_features
@@ -127,14 +128,6 @@ def write_adaptation_card(folder: Path, summary: dict[str, Any]) -> Path:
         "The backbone is the unchanged source model; this folder holds the adapted head "
         f"(`{HEAD_WEIGHTS_FILE}`){' and the TCA map' if adaptation['method'] == 'tca' else ''}.",
         "",
-        "```python",
-        "from hf_transfer.adapted_model import load_adapted_model",
-        "",
-        f'model = load_adapted_model("{folder}")  # inputs: what the source model takes (pixel_values or token ids)',
-        "logits = model(**inputs)",
-        "```",
-        "",
     ]
-    path = folder / "README.md"
-    path.write_text("\n".join(lines))
-    return path
+    return write_python_card(folder, lines, "hf_transfer.adapted_model", "load_adapted_model",
+                             "what the source model takes (pixel_values or token ids)")

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from hf_transfer.data.sampling import PadToMultipleCollator
 from hf_transfer.errors import HfTransferError
+from hf_transfer.export import write_python_card
 from hf_transfer.heads import MLPHead
 from hf_transfer.recipe import (
     DataConfig,
@@ -310,14 +311,6 @@ def write_two_tower_card(folder: Path, recipe: Recipe, summary: dict[str, Any]) 
         f"| trainable parameters | {summary['trainable_parameters']:,} of {summary['total_parameters']:,} |",
         f"| seed | {summary['seed']} |",
         "",
-        "```python",
-        "from hf_transfer.multimodal import load_two_tower",
-        "",
-        f'model = load_two_tower("{folder}")  # inputs: pixel_values plus the text tokenizer\'s outputs',
-        "logits = model(**inputs)",
-        "```",
-        "",
     ]
-    path = folder / "README.md"
-    path.write_text("\n".join(lines))
-    return path
+    return write_python_card(folder, lines, "hf_transfer.multimodal", "load_two_tower",
+                             "pixel_values plus the text tokenizer's outputs")
