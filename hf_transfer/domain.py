@@ -44,6 +44,7 @@ from hf_transfer.features import (
     CachedFeatures,
     FeatureKey,
     cached_loader,
+    prebuilt_batch,
     weights_digest,
 )
 from hf_transfer.recipe import AdaptationConfig, Recipe
@@ -273,13 +274,9 @@ class SourceWithTarget(Dataset):
         }
 
 
-def _whole_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return batch  # __getitems__ already built the batch
-
-
 def paired_loader(dataset: SourceWithTarget, batch_size: int, seed: int) -> DataLoader:
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, collate_fn=_whole_batch,
+        dataset, batch_size=batch_size, shuffle=True, collate_fn=prebuilt_batch,
         # a last batch of one row has no covariance (coral) and starves the discriminator
         drop_last=len(dataset) > batch_size,
         generator=torch.Generator().manual_seed(seed),

@@ -100,7 +100,7 @@ def _image_loader(folder: Path, recipe: Recipe, split: str | None, names: list[s
     from hf_transfer.data.images import (
         _as_undecoded_images,
         check_images,
-        default_num_workers,
+        image_num_workers,
         image_loader,
         load_raw_images,
         with_transform,
@@ -113,7 +113,7 @@ def _image_loader(folder: Path, recipe: Recipe, split: str | None, names: list[s
     split, dataset = pick_split(raw, split)
     dataset = _encode(dataset, split, config, [config.image_column], names)
     dataset = _as_undecoded_images(dataset, config.image_column, base_dir)
-    workers = recipe.training.num_workers if recipe.training.num_workers is not None else default_num_workers()
+    workers = image_num_workers(recipe.training.num_workers)
     if config.verify_images:
         from hf_transfer.data.images import ImageCheck
 

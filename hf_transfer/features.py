@@ -207,8 +207,9 @@ class CachedFeatures(Dataset):
         return {"features": self.views[self.view][index], "labels": self.labels[index]}
 
 
-def _whole_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return batch  # __getitems__ already built the batch
+def prebuilt_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """collate_fn for datasets whose `__getitems__` already builds the whole batch (one gather)."""
+    return batch
 
 
 def cached_loader(dataset: CachedFeatures, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
@@ -216,7 +217,7 @@ def cached_loader(dataset: CachedFeatures, batch_size: int, shuffle: bool, seed:
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
-        collate_fn=_whole_batch,
+        collate_fn=prebuilt_batch,
         generator=torch.Generator().manual_seed(seed) if shuffle else None,
     )
 

@@ -205,7 +205,7 @@ def multimodal_loader(dataset: Dataset, collator: MultimodalCollator, batch_size
 def build_multimodal_task(recipe: Recipe) -> Any:
     """The run's Task for `task: multimodal` (registered in run.TASKS)."""
     from hf_transfer.data.images import (
-        default_num_workers,
+        image_num_workers,
         image_transforms,
         load_image_splits,
     )
@@ -215,7 +215,7 @@ def build_multimodal_task(recipe: Recipe) -> Any:
 
     data, training, config = recipe.data, recipe.training, recipe.multimodal
     seed = training.seed
-    workers = training.num_workers if training.num_workers is not None else default_num_workers()
+    workers = image_num_workers(training.num_workers)
     splits, _ = load_image_splits(data, seed, workers)
     check_columns(splits.train, [data.text_column], "train")
     check_columns(splits.validation, [data.text_column], "validation")

@@ -102,7 +102,7 @@ def build_text_task(recipe: Recipe) -> Task:
 
 def build_image_task(recipe: Recipe) -> Task:
     from hf_transfer.data.images import (
-        default_num_workers,
+        image_num_workers,
         image_loader,
         image_transforms,
         load_image_splits,
@@ -115,7 +115,7 @@ def build_image_task(recipe: Recipe) -> Task:
     )
 
     seed, training, data = recipe.training.seed, recipe.training, recipe.data
-    workers = training.num_workers if training.num_workers is not None else default_num_workers()
+    workers = image_num_workers(training.num_workers)
     splits, _ = load_image_splits(data, seed, workers)  # unreadable images dropped (and logged) here
     model = load_vision_model(recipe.model, recipe.head, splits.label_names, data.image_size)
     # preprocessing comes from the model (timm's data config): mean/std/size match its pretraining

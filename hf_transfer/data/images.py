@@ -255,9 +255,9 @@ def _require_every_class(dataset: Dataset, label_names: list[str]) -> None:
 # Splits, transforms and loaders
 
 
-def default_num_workers() -> int:
-    """Image decoding is heavy: decode in worker processes, up to 4 (more rarely pays off)."""
-    return min(4, os.cpu_count() or 1)
+def image_num_workers(requested: int | None = None) -> int:
+    """`requested` when set; else image decoding is heavy: worker processes, up to 4 (more rarely pays off)."""
+    return requested if requested is not None else min(4, os.cpu_count() or 1)
 
 
 def load_image_splits(config: DataConfig, seed: int, workers: int | None = None) -> tuple[LabelledSplits, ImageCheck]:
@@ -268,7 +268,7 @@ def load_image_splits(config: DataConfig, seed: int, workers: int | None = None)
     validation = _as_undecoded_images(splits.validation, config.image_column, base_dir)
     check = ImageCheck()
     if config.verify_images:
-        workers = workers if workers is not None else default_num_workers()
+        workers = image_num_workers(workers)
         train = check_images(train, config.image_column, workers, check)
         validation = check_images(validation, config.image_column, workers, check)
         _log_check(check)
