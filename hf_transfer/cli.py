@@ -55,7 +55,7 @@ def _add_push(subcommands: argparse._SubParsersAction) -> None:
 
 def push_command(args: argparse.Namespace) -> None:
     """The token comes from `hf auth login` or HF_TOKEN, the server from HF_ENDPOINT (huggingface_hub's way)."""
-    from hf_transfer.hub import push_folder
+    from hf_transfer.export.hub import push_folder
 
     if args.timeout <= 0:
         raise HfTransferError("--timeout must be a positive number of seconds.")
@@ -85,14 +85,10 @@ def _add_evaluate(subcommands: argparse._SubParsersAction) -> None:
 
 
 def evaluate_command(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from hf_transfer.evaluation import evaluate_saved_model
-    from hf_transfer.inference import check_command_can_load
+    from hf_transfer.inference.evaluate import evaluate_saved_model
 
     if args.batch_size < 1:
         raise HfTransferError("--batch-size must be >= 1.")
-    check_command_can_load(Path(args.output_dir))
     result = evaluate_saved_model(
         args.output_dir, args.data, split=args.split, overrides=args.overrides, name=args.name,
         batch_size=args.batch_size, overwrite=args.overwrite,
@@ -121,21 +117,11 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def predict_command(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from hf_transfer.inference import check_command_can_load, is_text_model, predict_texts
-    from hf_transfer.predict import find_images, format_prediction, predict_images
+    from hf_transfer.inference.predict import format_prediction, predict
 
     if args.top_k < 1 or args.batch_size < 1:
         raise HfTransferError("--top-k and --batch-size must be >= 1.")
-    if not Path(args.model_dir).is_dir():
-        raise HfTransferError(f"{args.model_dir} is not a folder; give the output folder of a run.")
-    check_command_can_load(Path(args.model_dir))
-    if is_text_model(Path(args.model_dir)):
-        predictions = predict_texts(args.model_dir, args.inputs, args.top_k, args.batch_size, args.text_column)
-    else:
-        predictions = predict_images(args.model_dir, find_images(args.inputs), args.top_k, args.batch_size)
-    for prediction in predictions:
+    for prediction in predict(args.model_dir, args.inputs, args.top_k, args.batch_size, args.text_column):
         print(format_prediction(prediction), flush=True)
 
 

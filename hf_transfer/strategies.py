@@ -1,27 +1,35 @@
-"""Transfer strategies: which parameters train, and with which learning rates.
+"""Transfer strategies: a registry from a strategy's name to what it does.
 
-Shared by every modality: a strategy sees only the `TransferModel` interface (head parameters,
-backbone blocks from input to output), never a particular architecture.
+Each `Strategy` says how it applies to a model (which parameters train, and any callback the loop
+needs, such as gradual unfreezing), whether it trains backbone weights, whether the run saves an
+adapter instead of whole weights, and how the model card describes it. A strategy sees only the
+`TransferModel` interface (head parameters, backbone blocks from input to output), never a
+particular architecture. Adding a strategy is one entry in `STRATEGIES` (and its name in the
+recipe schema).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
+from dataclasses import dataclass
 
-import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from hf_transfer.errors import HfTransferError
-from hf_transfer.recipe import StrategyConfig, TrainingConfig
+from hf_transfer.recipe import StrategyConfig
 from hf_transfer.sources.base import TransferModel
-
-EpochHook = Callable[[int], None]
+from hf_transfer.training.plan import Callback
 
 
 def _set_trainable(parameters, trainable: bool) -> None:
     for parameter in parameters:
         parameter.requires_grad_(trainable)
+
+
+def _freeze_backbone(model: TransferModel, trainable_backbone: bool = False) -> None:
+    _set_trainable((p for _, p in model.backbone_parameters()), trainable_backbone)
+    _set_trainable((p for _, p in model.head_parameters()), True)
 
 
 def _unfreeze_top_blocks(model: TransferModel, count: int) -> None:
@@ -35,20 +43,44 @@ def _unfreeze_top_blocks(model: TransferModel, count: int) -> None:
         _set_trainable(block, True)
 
 
-class GradualUnfreezing:
+class GradualUnfreezing(Callback):
     """ULMFiT-style gradual unfreezing: one more backbone block, from the top, every N epochs."""
+
+    unfreezes_parameters = True  # the optimiser must hold the frozen blocks from the start
+    cuda_graphs_blocker = "trainable parameters change between epochs"
 
     def __init__(self, model: TransferModel, every: int):
         self.model = model
         self.every = max(1, every)
 
-    def __call__(self, epoch: int) -> None:
+    def on_epoch_begin(self, loop, epoch: int) -> None:
         blocks = min(epoch // self.every, len(self.model.block_prefixes))
         if blocks:
             _unfreeze_top_blocks(self.model, blocks)
 
 
-def _apply_lora(model: TransferModel, config: StrategyConfig) -> None:
+def _apply_full(model: TransferModel, config: StrategyConfig) -> list[Callback]:
+    _freeze_backbone(model, trainable_backbone=True)
+    return []
+
+
+def _apply_freeze_backbone(model: TransferModel, config: StrategyConfig) -> list[Callback]:
+    _freeze_backbone(model)
+    return []
+
+
+def _apply_partial(model: TransferModel, config: StrategyConfig) -> list[Callback]:
+    _freeze_backbone(model)
+    _unfreeze_top_blocks(model, config.trainable_blocks)
+    return []
+
+
+def _apply_gradual_unfreeze(model: TransferModel, config: StrategyConfig) -> list[Callback]:
+    _freeze_backbone(model)
+    return [GradualUnfreezing(model, config.unfreeze_every)]
+
+
+def _apply_lora(model: TransferModel, config: StrategyConfig) -> list[Callback]:
     from peft import LoraConfig, get_peft_model
 
     lora = config.lora
@@ -69,21 +101,62 @@ def _apply_lora(model: TransferModel, config: StrategyConfig) -> None:
             f"LoRA cannot adapt this model: {error}. Set strategy.lora.target_modules to names of its "
             "linear layers (e.g. [query, value] for BERT, [qkv] for a timm ViT)."
         ) from None
+    return []
 
 
-def apply_strategy(model: TransferModel, config: StrategyConfig) -> EpochHook | None:
-    """Freeze and unfreeze `model` in place; returns a hook to call at each epoch's start, if any."""
-    if config.name == "lora":
-        _apply_lora(model, config)
-        return None
-    full = config.name == "full"
-    _set_trainable((p for _, p in model.backbone_parameters()), full)
-    _set_trainable((p for _, p in model.head_parameters()), True)
-    if config.name == "partial":
-        _unfreeze_top_blocks(model, config.trainable_blocks)
-    if config.name == "gradual_unfreeze":
-        return GradualUnfreezing(model, config.unfreeze_every)
-    return None
+def _describe_lora(s: StrategyConfig) -> str:
+    targets = ", ".join(s.lora.target_modules) if s.lora.target_modules else "the default attention projections"
+    merged = "; a merged copy in merged/" if s.merge_lora else ""
+    settings = f"r={s.lora.r}, alpha={s.lora.alpha}, dropout={s.lora.dropout}"
+    return f"LoRA ({settings}) on {targets}; the new head trains fully{merged}"
+
+
+@dataclass(frozen=True)
+class Strategy:
+    apply: Callable[[TransferModel, StrategyConfig], list[Callback]]  # freezes in place; callbacks for the loop
+    describe: Callable[[StrategyConfig], str]  # the model card's sentence
+    trains_backbone: bool  # False: the frozen-feature cache can serve it
+    saves_adapter: bool = False  # the output holds a peft adapter, not whole weights
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "full": Strategy(
+        _apply_full, lambda s: "full fine-tuning: every backbone parameter trains with the new head", True
+    ),
+    "freeze_backbone": Strategy(
+        _apply_freeze_backbone,
+        lambda s: "feature extraction: the backbone stays frozen, only the new head trains", False,
+    ),
+    "partial": Strategy(
+        _apply_partial,
+        lambda s: f"partial fine-tuning: the top {s.trainable_blocks} backbone block(s) train with the new head", True,
+    ),
+    "gradual_unfreeze": Strategy(
+        _apply_gradual_unfreeze,
+        lambda s: "gradual unfreezing: the head first, then one more backbone block, top down, "
+        f"every {s.unfreeze_every} epoch(s)",
+        True,
+    ),
+    "lora": Strategy(_apply_lora, _describe_lora, True, saves_adapter=True),
+}
+
+
+def strategy(config: StrategyConfig) -> Strategy:
+    if config.name not in STRATEGIES:  # the schema's Literal lists the same names
+        raise HfTransferError(f"Unknown strategy '{config.name}'; choose one of {', '.join(STRATEGIES)}.")
+    return STRATEGIES[config.name]
+
+
+def apply_strategy(model: TransferModel, config: StrategyConfig) -> list[Callback]:
+    """Freeze and unfreeze `model` in place; returns the callbacks the loop needs (gradual unfreezing)."""
+    return strategy(config).apply(model, config)
+
+
+def merged_copy(library_model: nn.Module) -> nn.Module:
+    """A copy of the model with LoRA folded into its weights, or the model itself when it has no adapter."""
+    if hasattr(library_model, "merge_and_unload"):
+        return copy.deepcopy(library_model).merge_and_unload()
+    return library_model
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -91,42 +164,3 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
-
-
-def set_train_mode(model: nn.Module) -> None:
-    """`model.train()`, except that fully frozen BatchNorm layers stay in eval mode.
-
-    `train()` would switch them back to batch statistics and keep updating their running means,
-    so a "frozen" backbone would drift; this is the classic feature-extraction trap.
-    """
-    model.train()
-    for module in model.modules():
-        if isinstance(module, _BatchNorm) and not any(p.requires_grad for p in module.parameters()):
-            module.eval()
-
-
-def parameter_groups(
-    model: TransferModel, config: TrainingConfig, include_frozen: bool = False
-) -> list[dict]:
-    """Optimiser groups: head and backbone with their learning rates, no decay on biases and norms.
-
-    `include_frozen` adds parameters frozen now but unfrozen later (gradual unfreezing); the
-    optimiser skips them while they have no gradient.
-    """
-    groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
-    for name, parameter in model.named_parameters():
-        if not (parameter.requires_grad or include_frozen):
-            continue
-        part = "head" if model.is_head_parameter(name) else "backbone"
-        decay = parameter.ndim > 1
-        groups.setdefault((part, decay), []).append(parameter)
-    lrs = {"head": config.head_lr or config.lr, "backbone": config.backbone_lr or config.lr}
-    return [
-        {
-            "params": params,
-            "lr": lrs[part],
-            "weight_decay": config.weight_decay if decay else 0.0,
-            "name": f"{part}{'' if decay else '_no_decay'}",
-        }
-        for (part, decay), params in groups.items()
-    ]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
-from hf_transfer.adapt import (
+from hf_transfer.adaptation.losses import (
     DOMAIN_LOSSES,
     DomainDiscriminator,
     TransferComponentAnalysis,

@@ -11,13 +11,14 @@ import torch
 from accelerate import Accelerator
 from conftest import SHARED_DATA, keyword_sentences, write_jsonl
 
-from hf_transfer.adapted_model import load_adapted_model
-from hf_transfer.domain import DomainFeatures, SourceWithTarget, build_adaptation_run
+from hf_transfer.adaptation.model import load_adapted_model
+from hf_transfer.adaptation.plan import DomainFeatures, SourceWithTarget, build_adaptation_plan
 from hf_transfer.errors import HfTransferError
 from hf_transfer.recipe import load_recipe, recipe_from_dict
 from hf_transfer.run import run_training
 from hf_transfer.sources.pooling import PooledFeatures, mean_token_states
-from hf_transfer.trainer import train
+from hf_transfer.training.callbacks import recipe_callbacks
+from hf_transfer.training.loop import train
 
 TARGET_WORDS = ["gadget", "battery", "cable", "screen", "charger", "works", "broke", "after", "week", "my"]
 
@@ -171,9 +172,8 @@ def target_accuracy(method: str, tmp_path: Path, weight: float | None = None) ->
         "training": {"epochs": 40, "batch_size": 64, "lr": 1e-2, "seed": 0, "logging_steps": 1000},
     })
     torch.manual_seed(0)
-    run = build_adaptation_run(DomainFeatures(source, validation, target), ["0", "1"], recipe, torch.device("cpu"))
-    result = train(run.model, run.train_loader, run.eval_loader, recipe.training, Accelerator(cpu=True), tmp_path,
-                   ["0", "1"], auxiliary_loss=run.auxiliary_loss, select_best_epoch=False)
+    plan = build_adaptation_plan(DomainFeatures(source, validation, target), ["0", "1"], recipe, torch.device("cpu"))
+    result = train(plan, recipe.training, Accelerator(cpu=True), tmp_path, recipe_callbacks(recipe.training, plan))
     return result.best_metrics["accuracy"]
 
 

@@ -13,7 +13,8 @@ from conftest import NEGATIVE, POSITIVE, WORDS
 from PIL import Image
 
 from hf_transfer.errors import HfTransferError
-from hf_transfer.multimodal import ConcatFusion, GatedFusion, load_two_tower
+from hf_transfer.sources.two_tower import ConcatFusion, GatedFusion
+from hf_transfer.tasks.multimodal import load_two_tower
 from hf_transfer.recipe import recipe_from_dict
 from hf_transfer.run import run_training
 
@@ -92,7 +93,7 @@ def test_each_tower_alone_stays_near_chance(tiny_bert_dir, xor_data, tmp_path):
 
 
 def test_saved_two_tower_model_reloads_with_identical_logits(tiny_bert_dir, xor_data, tmp_path, capsys):
-    from hf_transfer import run as run_module
+    from hf_transfer import tasks as run_module
 
     captured = {}
     build = run_module.TASKS["multimodal"]

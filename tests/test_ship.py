@@ -94,7 +94,7 @@ def test_model_card_has_hub_metadata_tables_and_pictures(trained):
 
 
 def test_card_metadata_names_hub_models_and_datasets(trained):
-    from hf_transfer.hub import card_data
+    from hf_transfer.export.card import card_data
 
     metrics = json.loads((trained / "metrics.json").read_text())
     values = yaml.safe_load((trained / "recipe.yaml").read_text())
@@ -260,7 +260,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tiny_bert_di
     child.send_signal(signal.SIGKILL)  # 10 steps an epoch: step 4 is the middle of epoch 1
     assert child.wait(30) == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-2000:]
     assert not (tmp_path / "killed" / "metrics.json").exists()
-    from hf_transfer.checkpoint import list_checkpoints
+    from hf_transfer.training.checkpoint import list_checkpoints
 
     latest = list_checkpoints(tmp_path / "killed" / "checkpoints")[-1]
     assert json.loads((latest / "trainer_state.json").read_text())["state"]["batches_done"] > 0  # mid-epoch

@@ -13,7 +13,7 @@ from conftest import keyword_sentences, write_jsonl
 
 from hf_transfer.data.sampling import LengthGroupedBatchSampler, PadToMultipleCollator
 from hf_transfer.errors import HfTransferError
-from hf_transfer.features import FeatureCache, FeatureKey, weights_digest
+from hf_transfer.cache.store import FeatureKey, FeatureStore, weights_digest
 from hf_transfer.recipe import recipe_from_dict
 from hf_transfer.run import run_training
 
@@ -171,7 +171,7 @@ def test_weights_digest_follows_the_backbone_not_the_head(tiny_bert_dir: Path) -
 
 
 def test_cache_files_are_keyed_and_a_broken_file_is_a_miss(tmp_path: Path) -> None:
-    cache = FeatureCache(tmp_path)
+    cache = FeatureStore(tmp_path)
     key = FeatureKey("m", "Bert", "w1", "token ids", "d1", "no")
     features, labels = torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1])
     cache.save(key, features, labels)
@@ -222,18 +222,18 @@ def test_cuda_graphs_say_why_they_are_off() -> None:
     from accelerate import Accelerator
 
     from hf_transfer.recipe import TrainingConfig
-    from hf_transfer.trainer import cuda_graphs_blocker
+    from hf_transfer.training.loop import cuda_graphs_blocker
 
     accelerator = Accelerator(cpu=True)
-    assert cuda_graphs_blocker(TrainingConfig(), accelerator, False) == "the device is not a CUDA GPU"
-    assert cuda_graphs_blocker(TrainingConfig(cuda_graphs=False), accelerator, False) == "training.cuda_graphs is false"
+    assert cuda_graphs_blocker(TrainingConfig(), accelerator) == "the device is not a CUDA GPU"
+    assert cuda_graphs_blocker(TrainingConfig(cuda_graphs=False), accelerator) == "training.cuda_graphs is false"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 def test_graphed_steps_update_exactly_like_eager_steps() -> None:
     from transformers import get_scheduler
 
-    from hf_transfer.cuda_graphs import GraphedStep, make_lr_tensors
+    from hf_transfer.training.cuda_graphs import GraphedStep, make_lr_tensors
 
     def setup():
         torch.manual_seed(0)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hf_transfer import run as run_module
+from hf_transfer import tasks as run_module
 from hf_transfer.errors import HfTransferError
 from hf_transfer.recipe import (
     AugmentConfig,
@@ -145,7 +145,7 @@ def test_predict_cli_rejects_a_folder_without_model(tmp_path: Path, capsys: pyte
 
 @pytest.mark.parametrize("head", ["mlp", "bottleneck"])
 def test_custom_heads_reload_through_predict(colours: Path, tmp_path: Path, head: str) -> None:
-    from hf_transfer.predict import load_saved_model
+    from hf_transfer.inference.loader import load_saved_model
 
     recipe = image_recipe(colours, tmp_path / "run", head={"type": head, "hidden_dim": 16, "dropout": 0.1})
     _, model, before = train_capturing(recipe)
@@ -197,7 +197,7 @@ def test_lora_on_vit_saves_adapter_with_head_and_merged_model(colours: Path, tmp
     import timm
     from safetensors.torch import save_file
 
-    from hf_transfer.predict import load_saved_model
+    from hf_transfer.inference.loader import load_saved_model
 
     # a "pretrained" source from a weights file, so predict can rebuild the base the adapter sits on
     source = timm.create_model("test_vit", img_size=SIZE)

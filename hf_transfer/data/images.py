@@ -230,7 +230,7 @@ def check_images(dataset: Dataset, column: str, workers: int, check: ImageCheck)
     return dataset if len(keep) == len(values) else dataset.select(keep)
 
 
-def _log_check(check: ImageCheck) -> None:
+def log_image_check(check: ImageCheck) -> None:
     if check.converted:
         modes = ", ".join(f"{count} {mode}" for mode, count in sorted(check.converted.items()))
         logger.warning("images converted to RGB: %s", modes)
@@ -260,18 +260,21 @@ def image_num_workers(requested: int | None = None) -> int:
     return requested if requested is not None else min(4, os.cpu_count() or 1)
 
 
+def readable_images(dataset: Dataset, config: DataConfig, base_dir: Path | None, workers: int, check: ImageCheck) -> Dataset:
+    """The image column undecoded (table paths made absolute); with data.verify_images, only rows that decode."""
+    dataset = _as_undecoded_images(dataset, config.image_column, base_dir)
+    return check_images(dataset, config.image_column, workers, check) if config.verify_images else dataset
+
+
 def load_image_splits(config: DataConfig, seed: int, workers: int | None = None) -> tuple[LabelledSplits, ImageCheck]:
     """Train and validation images (undecoded), labels encoded, unreadable images dropped."""
     raw, base_dir = load_raw_images(config)
     splits = labelled_splits(raw, config, [config.image_column], seed)
-    train = _as_undecoded_images(splits.train, config.image_column, base_dir)
-    validation = _as_undecoded_images(splits.validation, config.image_column, base_dir)
-    check = ImageCheck()
+    check, workers = ImageCheck(), image_num_workers(workers)
+    train = readable_images(splits.train, config, base_dir, workers, check)
+    validation = readable_images(splits.validation, config, base_dir, workers, check)
     if config.verify_images:
-        workers = image_num_workers(workers)
-        train = check_images(train, config.image_column, workers, check)
-        validation = check_images(validation, config.image_column, workers, check)
-        _log_check(check)
+        log_image_check(check)
         _require_every_class(train, splits.label_names)
         if len(validation) == 0:
             raise HfTransferError("No validation image can be decoded; fix the validation files.")

@@ -136,6 +136,14 @@ def _encode_labels(dataset: Dataset, split: str, config: DataConfig, names: list
     return dataset.cast_column("label", ClassLabel(names=names))
 
 
+def encode_split(dataset: Dataset, split: str, config: DataConfig, columns: list[str], names: list[str]) -> Dataset:
+    """A labelled split checked (not empty, columns present) and its labels mapped to ids into `names`."""
+    if len(dataset) == 0:
+        raise HfTransferError(f"The {split} split is empty; give it some examples.")
+    check_columns(dataset, [*columns, config.label_column], split)
+    return _encode_labels(dataset, split, config, names)
+
+
 def _sample(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
     if limit is None or limit >= len(dataset):
         return dataset

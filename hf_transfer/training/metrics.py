@@ -1,4 +1,5 @@
-"""Classification metrics: accuracy, macro F1, per-class scores and the confusion matrix.
+"""Classification metrics: accuracy, macro F1, per-class scores and the confusion matrix, and the
+evaluation pass that computes them over a loader (every example once, across processes).
 
 `evaluate.load("accuracy")` fetches its metric script from the Hub, which fails on machines
 without network; it computes these with scikit-learn, so we call scikit-learn directly.
@@ -9,12 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
+from accelerate import Accelerator
 from sklearn.metrics import (
     accuracy_score,
     confusion_matrix,
     f1_score,
     precision_recall_fscore_support,
 )
+from torch.utils.data import DataLoader
 
 
 def classification_metrics(predictions: np.ndarray, labels: np.ndarray, label_names: list[str]) -> dict[str, Any]:
@@ -41,3 +45,27 @@ def classification_metrics(predictions: np.ndarray, labels: np.ndarray, label_na
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """The single-number entries (for logs and progress bars)."""
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def split_batch(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return inputs, batch["labels"]
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels of the whole loader, gathered from every process exactly once."""
+    model.eval()
+    all_logits, all_labels = [], []
+    for batch in loader:
+        inputs, labels = split_batch(batch)
+        logits = model(**inputs)
+        logits, labels = accelerator.gather_for_metrics((logits.float(), labels))
+        all_logits.append(logits.cpu())
+        all_labels.append(labels.cpu())
+    return torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy()
+
+
+def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator, label_names: list[str]) -> dict:
+    logits, labels = predict_logits(model, loader, accelerator)
+    return classification_metrics(logits.argmax(-1), labels, label_names)

@@ -56,12 +56,3 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, value: Any) -> None:
     write_text(path, json.dumps(value, indent=2) + "\n")
-
-
-def write_python_card(folder: Path, body: list[str], module: str, loader: str, inputs: str) -> Path:
-    """README.md for a folder that loads in Python only: `body` (markdown lines), then how to load it."""
-    usage = ["```python", f"from {module} import {loader}", "", f'model = {loader}("{folder}")  # inputs: {inputs}',
-             "logits = model(**inputs)", "```", ""]
-    path = folder / "README.md"
-    write_text(path, "\n".join(body + usage))
-    return path

@@ -1,16 +1,14 @@
-"""Recipes: the typed schema, YAML loading, dotted `--set` overrides and validation.
+"""The recipe schema: one dataclass per section, every field with its default and help text.
 
 A recipe is the only place where choices are made. Every field has a default and a help text
-(the style of peft's config dataclasses), so a YAML file names only what differs.
+(the style of peft's config dataclasses), so a YAML file names only what differs. A section checks
+its own values (`check`); checks.py builds a recipe from nested dicts and runs them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -18,8 +16,6 @@ from typing import Any, Literal
 import yaml
 
 from hf_transfer.errors import HfTransferError
-
-REPO_RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
 def _f(default: Any, help: str) -> Any:
@@ -86,6 +82,10 @@ class DataConfig:
     max_train_samples: int | None = _f(None, "Use only this many training examples (a seeded random sample).")
     max_eval_samples: int | None = _f(None, "Use only this many validation examples (a seeded random sample).")
 
+    def check(self) -> None:
+        if not 0 < self.validation_fraction < 1:
+            raise HfTransferError("data.validation_fraction must lie between 0 and 1, e.g. 0.1.")
+
 
 @dataclass
 class LoraConfig:
@@ -105,6 +105,10 @@ class StrategyConfig:
     unfreeze_every: int = _f(1, "gradual_unfreeze: epochs between unfreezing the next block (top down).")
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA settings (strategy lora)."})
     merge_lora: bool = _f(False, "lora: also save a merged full model under OUTPUT/merged.")
+
+    def check(self) -> None:
+        if self.name == "partial" and self.trainable_blocks < 1:
+            raise HfTransferError("strategy.trainable_blocks must be >= 1 for the partial strategy.")
 
 
 @dataclass
@@ -234,6 +238,14 @@ class TrainingConfig:
         "no", "torch.compile the model with this mode; compiling costs time up front (minutes for large models)."
     )
 
+    def check(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise HfTransferError("training.epochs, training.batch_size and gradient_accumulation_steps must be >= 1.")
+        if isinstance(self.class_weights, str) and self.class_weights != "auto":
+            raise HfTransferError("training.class_weights must be 'auto', a list of numbers, or null.")
+        if self.checkpoint_every_steps is not None and self.checkpoint_every_steps < 1:
+            raise HfTransferError("training.checkpoint_every_steps must be >= 1, or null for epoch ends only.")
+
 
 @dataclass
 class OutputConfig:
@@ -252,6 +264,14 @@ class OutputConfig:
     )
     hub_repo_id: str | None = _f(None, "Hub repository to push to, 'user/name' or 'org/name'; created if missing.")
     hub_private: bool = _f(False, "Create the Hub repository as private (an existing one keeps its visibility).")
+
+    def check(self) -> None:
+        if self.save_total_limit < 1:
+            raise HfTransferError("output.save_total_limit must be >= 1 (the newest checkpoint is what --resume needs).")
+        if self.push_to_hub and not self.hub_repo_id:
+            raise HfTransferError("output.push_to_hub needs output.hub_repo_id, e.g. --set output.hub_repo_id=user/name.")
+        if self.hub_repo_id is not None:
+            check_repo_id(self.hub_repo_id)
 
 
 @dataclass
@@ -285,152 +305,6 @@ class Recipe:
         return Path(self.output.dir) if self.output.dir else Path("runs") / self.name
 
 
-# ---------------------------------------------------------------------------------------------
-# Building a recipe from nested dicts, with checking
-
-
-def _fields(cls: type) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls)}
-
-
-def _type_error(key: str, value: Any, expected: Any) -> HfTransferError:
-    return HfTransferError(f"Recipe key '{key}' got {value!r}, which is not {_describe(expected)}. Fix the value.")
-
-
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check `value` against the annotation `tp`, converting where YAML is loose (1 -> 1.0)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(tp):
-            try:
-                return _coerce(key, value, option)
-            except HfTransferError:
-                continue
-        raise _type_error(key, value, tp)
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise _type_error(key, value, tp)
-    if origin is list:
-        if not isinstance(value, list):
-            raise _type_error(key, value, tp)
-        (item_type,) = typing.get_args(tp)
-        return [_coerce(f"{key}[{i}]", item, item_type) for i, item in enumerate(value)]
-    if tp is type(None):
-        if value is None:
-            return None
-        raise _type_error(key, value, tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise _type_error(key, value, tp)
-        return _build(tp, value, prefix=f"{key}.")
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # PyYAML reads 5e-5 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            raise _type_error(key, value, tp) from None
-    if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
-        return value
-    if tp is float and isinstance(value, float):
-        return value
-    raise _type_error(key, value, tp)
-
-
-def _all_keys(cls: type, prefix: str = "") -> list[str]:
-    keys = []
-    hints = typing.get_type_hints(cls)
-    for name in _fields(cls):
-        keys.append(prefix + name)
-        if dataclasses.is_dataclass(hints[name]):
-            keys.extend(_all_keys(hints[name], f"{prefix}{name}."))
-    return keys
-
-
-def unknown_key_error(key: str) -> HfTransferError:
-    close = difflib.get_close_matches(key, _all_keys(Recipe), n=1, cutoff=0.5)
-    hint = f" Did you mean '{close[0]}'?" if close else " See the recipe reference in README.md."
-    return HfTransferError(f"Unknown recipe key '{key}'.{hint}")
-
-
-def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    known = _fields(cls)
-    kwargs = {}
-    for name, value in values.items():
-        if name not in known:
-            raise unknown_key_error(prefix + str(name))
-        kwargs[name] = _coerce(prefix + name, value, hints[name])
-    return cls(**kwargs)
-
-
-def recipe_from_dict(values: dict[str, Any]) -> Recipe:
-    recipe = _build(Recipe, values)
-    validate(recipe)
-    return recipe
-
-
-def validate(recipe: Recipe) -> None:
-    """Checks that span several keys (single values are checked by their types)."""
-    t = recipe.training
-    if t.epochs < 1 or t.batch_size < 1 or t.gradient_accumulation_steps < 1:
-        raise HfTransferError("training.epochs, training.batch_size and gradient_accumulation_steps must be >= 1.")
-    if not 0 < recipe.data.validation_fraction < 1:
-        raise HfTransferError("data.validation_fraction must lie between 0 and 1, e.g. 0.1.")
-    if isinstance(t.class_weights, str) and t.class_weights != "auto":
-        raise HfTransferError("training.class_weights must be 'auto', a list of numbers, or null.")
-    if t.cache_views < 1 or recipe.data.pad_to_multiple_of < 1:
-        raise HfTransferError("training.cache_views and data.pad_to_multiple_of must be >= 1.")
-    if recipe.strategy.name == "partial" and recipe.strategy.trainable_blocks < 1:
-        raise HfTransferError("strategy.trainable_blocks must be >= 1 for the partial strategy.")
-    if t.checkpoint_every_steps is not None and t.checkpoint_every_steps < 1:
-        raise HfTransferError("training.checkpoint_every_steps must be >= 1, or null for epoch ends only.")
-    if recipe.output.save_total_limit < 1:
-        raise HfTransferError("output.save_total_limit must be >= 1 (the newest checkpoint is what --resume needs).")
-    validate_adaptation(recipe)
-    if recipe.task == "multimodal" and recipe.multimodal.hidden_dim < 1:
-        raise HfTransferError("multimodal.hidden_dim must be >= 1.")
-    if recipe.output.push_to_hub and not recipe.output.hub_repo_id:
-        raise HfTransferError("output.push_to_hub needs output.hub_repo_id, e.g. --set output.hub_repo_id=user/name.")
-    if recipe.output.hub_repo_id is not None:
-        check_repo_id(recipe.output.hub_repo_id)
-
-
-def validate_adaptation(recipe: Recipe) -> None:
-    adaptation = recipe.adaptation
-    if adaptation.method == "none" and not adaptation.target_path:
-        return  # no adaptation; with a target, method none is the source-only baseline on it
-    if not adaptation.target_path:
-        raise HfTransferError(f"adaptation.method {adaptation.method} needs adaptation.target_path (the target data).")
-    if recipe.task == "multimodal":
-        raise HfTransferError("Domain adaptation serves task text or image, not multimodal; set adaptation.method none.")
-    if recipe.strategy.name != "freeze_backbone":
-        raise HfTransferError(
-            "Domain adaptation trains a bottleneck and classifier on the frozen backbone's features; "
-            "set strategy.name freeze_backbone."
-        )
-    if adaptation.features == "mean" and recipe.task != "text":
-        raise HfTransferError("adaptation.features mean applies to text models; use head_input for images.")
-    if (adaptation.weight is not None and adaptation.weight < 0) or adaptation.ramp_gamma <= 0 or not 0 <= adaptation.dropout < 1:
-        raise HfTransferError("adaptation.weight must be >= 0, ramp_gamma > 0 and dropout in [0, 1).")
-    if adaptation.bottleneck_dim < 1 or adaptation.tca_components < 1 or adaptation.tca_mu <= 0:
-        raise HfTransferError("adaptation.bottleneck_dim and tca_components must be >= 1, tca_mu > 0.")
-    if adaptation.tca_max_samples < 2 * adaptation.tca_components:
-        raise HfTransferError("adaptation.tca_max_samples must be at least twice tca_components.")
-
-
 def check_repo_id(repo_id: str) -> None:
     """A Hub model repository id: 'namespace/name' of letters, digits, '-', '_' and '.'."""
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", repo_id) or ".." in repo_id or len(repo_id) > 96:
@@ -438,89 +312,3 @@ def check_repo_id(repo_id: str) -> None:
             f"'{repo_id}' is not a Hub repository id; write it as user/name or org/name "
             "(letters, digits, '-', '_', '.')."
         )
-
-
-# ---------------------------------------------------------------------------------------------
-# Files and overrides
-
-
-def available_recipes() -> list[str]:
-    dirs = [Path("recipes"), REPO_RECIPES_DIR]
-    return sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.yaml")})
-
-
-def find_recipe(name_or_path: str) -> Path:
-    """A recipe is a path to a YAML file, or a name looked up in ./recipes and the project's recipes/."""
-    candidate = Path(name_or_path)
-    if candidate.suffix in (".yaml", ".yml"):
-        if candidate.is_file():
-            return candidate
-        raise HfTransferError(f"Recipe file '{name_or_path}' does not exist.")
-    for folder in (Path("recipes"), REPO_RECIPES_DIR):
-        path = folder / f"{name_or_path}.yaml"
-        if path.is_file():
-            return path
-    raise HfTransferError(
-        f"Recipe '{name_or_path}' not found. Available recipes: {', '.join(available_recipes()) or 'none'}; "
-        "or pass a path to a .yaml file."
-    )
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`["training.lr=3e-5", "data.path=x"]` -> nested dict; values are read as YAML scalars."""
-    nested: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise HfTransferError(f"Override '{pair}' is not KEY=VALUE (e.g. --set training.lr=3e-5).")
-        value = yaml.safe_load(raw) if raw else None
-        node = nested
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise HfTransferError(f"Override '{pair}' sets a key inside '{part}', which is not a section.")
-        node[parts[-1]] = value
-    return nested
-
-
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _resolve_relative_path(path: str | None, recipe_dir: Path) -> str | None:
-    """Paths written in a recipe file are relative to that file; a Hub id stays as it is."""
-    if path is None or Path(path).is_absolute():
-        return path
-    candidate = (recipe_dir / path).resolve()
-    return str(candidate) if candidate.exists() else path
-
-
-def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
-    path = find_recipe(name_or_path)
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise HfTransferError(f"Recipe {path} is not valid YAML: {error}") from None
-    if not isinstance(values, dict):
-        raise HfTransferError(f"Recipe {path} must be a YAML mapping of sections (model:, data:, ...).")
-    values.setdefault("name", path.stem)
-    data = values.get("data")
-    if isinstance(data, dict) and isinstance(data.get("path"), str):
-        data["path"] = _resolve_relative_path(data["path"], path.parent)
-    model = values.get("model")
-    if isinstance(model, dict) and isinstance(model.get("weights_file"), str):
-        model["weights_file"] = _resolve_relative_path(model["weights_file"], path.parent)
-    if isinstance(model, dict) and isinstance(model.get("name"), str) and model["name"].startswith("."):
-        # only ./ and ../ names: 'bert-base-uncased' must stay a Hub id even if such a folder exists here
-        model["name"] = _resolve_relative_path(model["name"], path.parent)
-    adaptation = values.get("adaptation")
-    if isinstance(adaptation, dict) and isinstance(adaptation.get("target_path"), str):
-        adaptation["target_path"] = _resolve_relative_path(adaptation["target_path"], path.parent)
-    return recipe_from_dict(_merge(values, parse_overrides(overrides or [])))

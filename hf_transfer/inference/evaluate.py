@@ -16,22 +16,14 @@ from typing import Any
 
 from accelerate import Accelerator
 from datasets import Dataset, DatasetDict
-from torch import nn
 
-from hf_transfer.data.splits import VALIDATION_ALIASES, check_columns
+from hf_transfer.data.splits import VALIDATION_ALIASES, encode_split
 from hf_transfer.errors import HfTransferError
-from hf_transfer.export import staged, write_json
-from hf_transfer.inference import load_text_classifier, run_label_names, run_recipe
-from hf_transfer.metrics import classification_metrics
-from hf_transfer.recipe import (
-    DataConfig,
-    Recipe,
-    _merge,
-    parse_overrides,
-    recipe_from_dict,
-)
-
-EVALUATIONS_DIR = "evaluations"
+from hf_transfer.export.folder import staged, write_json
+from hf_transfer.export.layout import EVALUATIONS_DIR, IMAGE, TEXT
+from hf_transfer.inference.loader import SavedModel, load_saved_run, run_recipe
+from hf_transfer.recipe import Recipe, merge_values, parse_overrides, recipe_from_dict
+from hf_transfer.training.metrics import classification_metrics, predict_logits
 
 
 @dataclass
@@ -57,70 +49,43 @@ def pick_split(raw: DatasetDict, wanted: str | None) -> tuple[str, Dataset]:
     raise HfTransferError(f"The data has splits {list(raw)}; choose one with --split.")
 
 
-def _encode(dataset: Dataset, split: str, config: DataConfig, columns: list[str], names: list[str]) -> Dataset:
-    """Columns checked, labels mapped to the model's ids (an unknown label is an error)."""
-    from hf_transfer.data.splits import (
-        _encode_labels,  # the training path's own label mapping
-    )
-
-    if len(dataset) == 0:
-        raise HfTransferError(f"The {split} split is empty; give it some examples.")
-    check_columns(dataset, [*columns, config.label_column], split)
-    return _encode_labels(dataset, split, config, names)
-
-
-def _text_loader(folder: Path, recipe: Recipe, split: str | None, names: list[str], batch_size: int):
+def _text_loader(saved: SavedModel, recipe: Recipe, split: str | None, batch_size: int):
     from hf_transfer.data.splits import load_raw
     from hf_transfer.data.text import text_loader, tokenize
 
-    bundle = load_text_classifier(folder)
     config = recipe.data
     split, dataset = pick_split(load_raw(config), split)
     columns = [config.text_column] + ([config.text_pair_column] if config.text_pair_column else [])
-    dataset = tokenize(_encode(dataset, split, config, columns, names), bundle.tokenizer, config)
-    loader = text_loader(dataset, bundle.tokenizer, batch_size, False, 0, recipe.training.seed,
+    dataset = tokenize(encode_split(dataset, split, config, columns, saved.label_names), saved.tokenizer, config)
+    loader = text_loader(dataset, saved.tokenizer, batch_size, False, 0, recipe.training.seed,
                          pad_to_multiple_of=config.pad_to_multiple_of)
-    return bundle.model, loader, split
+    return loader, split
 
 
-class _PixelLogits(nn.Module):
-    """A timm (or peft-wrapped timm) model called the way the evaluation loop calls models."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values, **_unused):
-        return self.model(pixel_values)
-
-
-def _image_loader(folder: Path, recipe: Recipe, split: str | None, names: list[str], batch_size: int):
-    from timm.data import create_transform
-
+def _image_loader(saved: SavedModel, recipe: Recipe, split: str | None, batch_size: int):
     from hf_transfer.data.images import (
-        _as_undecoded_images,
-        check_images,
-        image_num_workers,
+        ImageCheck,
         image_loader,
+        image_num_workers,
         load_raw_images,
+        log_image_check,
+        readable_images,
         with_transform,
     )
-    from hf_transfer.predict import _data_config, load_saved_model
 
-    model, _ = load_saved_model(folder)
     config = recipe.data
     raw, base_dir = load_raw_images(config)
     split, dataset = pick_split(raw, split)
-    dataset = _encode(dataset, split, config, [config.image_column], names)
-    dataset = _as_undecoded_images(dataset, config.image_column, base_dir)
-    workers = image_num_workers(recipe.training.num_workers)
-    if config.verify_images:
-        from hf_transfer.data.images import ImageCheck
+    dataset = encode_split(dataset, split, config, [config.image_column], saved.label_names)
+    workers, check = image_num_workers(recipe.training.num_workers), ImageCheck()
+    dataset = readable_images(dataset, config, base_dir, workers, check)
+    log_image_check(check)
+    loader = image_loader(with_transform(dataset, saved.transform, config.image_column), batch_size, False, workers, 0)
+    return loader, split
 
-        dataset = check_images(dataset, config.image_column, workers, ImageCheck())
-    transform = create_transform(**_data_config(model))  # the model's own eval preprocessing
-    loader = image_loader(with_transform(dataset, transform, config.image_column), batch_size, False, workers, 0)
-    return _PixelLogits(model), loader, split
+
+# the saved model's kind -> the loader of labelled data for it, read the way its recipe reads data
+DATA_LOADERS = {TEXT: _text_loader, IMAGE: _image_loader}
 
 
 def _result_name(name: str | None, data: str, split: str) -> str:
@@ -143,17 +108,16 @@ def evaluate_saved_model(
 ) -> EvaluationResult:
     """Score the model in `output_dir` on `data`; writes metrics.json and confusion_matrix.png
     into OUTPUT/evaluations/NAME."""
-    from hf_transfer.plots import plot_confusion_matrix
-    from hf_transfer.trainer import predict_logits
+    from hf_transfer.export.plots import plot_confusion_matrix
 
     folder = Path(output_dir)
-    saved = run_recipe(folder)
-    values = _merge(dataclasses.asdict(saved), parse_overrides(list(overrides or [])))
+    saved = load_saved_run(folder)
+    values = merge_values(dataclasses.asdict(run_recipe(folder)), parse_overrides(list(overrides or [])))
     values["data"]["path"] = data
     recipe = recipe_from_dict(values)
-    names = run_label_names(folder)
-    build = _text_loader if recipe.task == "text" else _image_loader
-    model, loader, split = build(folder, recipe, split, names, batch_size)
+    names = saved.label_names
+    loader, split = DATA_LOADERS[saved.kind](saved, recipe, split, batch_size)
+    model = saved.model
     destination = folder / EVALUATIONS_DIR / _result_name(name, data, split)
     if destination.exists() and not overwrite:
         raise HfTransferError(f"{destination} exists; pass --overwrite to replace it, or choose another --name.")

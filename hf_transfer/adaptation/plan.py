@@ -1,0 +1,160 @@
+"""Unsupervised domain adaptation runs: a labelled source, an unlabelled target, the shared loop.
+
+The recipe's `data` is the source and `adaptation.target_path` the target, read the same way (same
+columns, same preprocessing). The backbone stays frozen, so the features of every source and target
+example are computed once (features.py); a small head (head.py) trains on them in the shared loop.
+
+Each training batch carries a source batch and an equally large target batch drawn at random; the
+`DomainObjective` callback adds the domain loss (dann, mmd or coral) between the two batches'
+bottleneck features to the source classification loss. TCA instead maps both domains' features
+once, before the head trains, and needs no loss. Method `none` is the source-only baseline on the
+same features, head and budget.
+
+Target labels, where the target has them, only report target accuracy: the plan keeps its last
+epoch rather than the epoch the target would pick, and the target never reaches the classification loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from hf_transfer.adaptation.features import DomainFeatures, Split, domain_features, fit_tca, load_target_task
+from hf_transfer.adaptation.head import AdaptedHeadModel
+from hf_transfer.adaptation.losses import dann_weight, domain_loss
+from hf_transfer.adaptation.model import save_adapted_model
+from hf_transfer.cache.head import CachedFeatures, cached_loader
+from hf_transfer.recipe import AdaptationConfig, Recipe
+from hf_transfer.training.metrics import evaluate
+from hf_transfer.training.plan import Callback, Plan
+
+__all__ = ["DomainFeatures", "DomainObjective", "SourceWithTarget", "adaptation_plan", "build_adaptation_plan"]
+
+
+# Chosen once on the two PACS pairs and kept for every pair: with standardised features, DANN at
+# weight 1 lets the discriminator win and the target accuracy swing from epoch to epoch.
+DEFAULT_WEIGHTS = {"dann": 0.1, "mmd": 1.0, "coral": 1.0}
+
+
+def domain_loss_weight(config: AdaptationConfig) -> float:
+    return config.weight if config.weight is not None else DEFAULT_WEIGHTS.get(config.method, 0.0)
+
+
+class DomainObjective(Callback):
+    """The domain loss between a batch's source and target bottlenecks, added to the task loss."""
+
+    cuda_graphs_blocker = "an auxiliary loss"  # its weight changes every step, which a recorded graph cannot follow
+
+    def __init__(self, model: AdaptedHeadModel, config: AdaptationConfig):
+        self.model, self.config = model, config
+
+    def extra_loss(self, _model: nn.Module, inputs: dict[str, torch.Tensor], progress: float) -> torch.Tensor:
+        source, target = inputs["features"], inputs["target_features"]
+        # one pass over both domains, as DANN and DAN do; `self.model` rather than the trainer's
+        # (possibly wrapped) model, to reach the bottleneck and the discriminator by name
+        bottleneck = self.model.model.embed(torch.cat([source, target]))
+        source_features, target_features = bottleneck[: len(source)], bottleneck[len(source):]
+        method, weight = self.config.method, domain_loss_weight(self.config)
+        if method == "dann":
+            weight = dann_weight(progress, self.config.ramp_gamma, weight)
+            return domain_loss(method, source_features, target_features, weight, self.model.discriminator)
+        return domain_loss(method, source_features, target_features, weight)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches that carry both domains
+
+
+class SourceWithTarget(Dataset):
+    """Source features and labels; every batch also carries as many target features, drawn at random.
+
+    The draw depends only on (seed, epoch, the batch's first source index), so a resumed epoch
+    draws the same target rows. The target's labels never enter a batch.
+    """
+
+    def __init__(self, source: Split, target_features: torch.Tensor, seed: int):
+        self.features, self.labels = source
+        self.target_features, self.seed, self.epoch = target_features, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, indices[0], len(indices))) % 2**62)
+        target_rows = torch.randint(len(self.target_features), (len(indices),), generator=generator)
+        index = torch.as_tensor(indices)
+        return {
+            "features": self.features[index],
+            "labels": self.labels[index],
+            "target_features": self.target_features[target_rows.to(self.target_features.device)],
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# From a recipe and its source task to the plan the loop runs
+
+
+def build_adaptation_plan(features: DomainFeatures, label_names: list[str], recipe: Recipe, device: torch.device) -> Plan:
+    """The head, its objective and its loaders, from features already extracted."""
+    config, training = recipe.adaptation, recipe.training
+    splits = {"train": features.source_train, "validation": features.source_validation, "target": features.target}
+    feature_map = None
+    if config.method == "tca":
+        feature_map = fit_tca(features.source_train[0], features.target[0], config, training.seed)
+        splits = {name: (feature_map(x), y) for name, (x, y) in splits.items()}
+    splits = {name: (x.to(device), y.to(device)) for name, (x, y) in splits.items()}
+    model = AdaptedHeadModel(splits["train"][0].shape[1], label_names, config).to(device)
+    if feature_map is None:  # TCA's map standardises already, and keeps its components' relative scale
+        model.model.set_statistics(splits["train"][0])
+    objective = [DomainObjective(model, config)] if config.method in ("dann", "mmd", "coral") else []
+
+    def eval_loader(split: str) -> DataLoader:
+        dataset = CachedFeatures([splits[split][0]], splits[split][1])
+        return cached_loader(dataset, training.eval_batch_size, False, training.seed)
+
+    source_eval_loader = eval_loader("validation")
+
+    def report(accelerator: Accelerator) -> dict:
+        source = evaluate(model, source_eval_loader, accelerator, label_names)
+        return {"adaptation": {
+            "method": config.method,
+            "source_path": recipe.data.path,
+            "target_path": config.target_path,
+            "features": config.features,
+            "source_validation_accuracy": source["accuracy"],
+        }}
+
+    paired = SourceWithTarget(splits["train"], splits["target"][0], training.seed)
+    return Plan(
+        model=model,
+        # a last batch of one row has no covariance (coral) and starves the discriminator
+        train_loader=cached_loader(paired, training.batch_size, True, training.seed, drop_last=len(paired) > training.batch_size),
+        eval_loader=eval_loader("target"),  # reported every epoch, never used to choose
+        label_names=label_names,
+        train_labels=splits["train"][1].tolist(),
+        save=lambda folder: save_adapted_model(model, feature_map, recipe, folder),
+        card="adapted",
+        callbacks=objective,
+        epoch_rule="last",
+        summary=report,
+    )
+
+
+def adaptation_plan(recipe: Recipe, source: Plan, accelerator: Accelerator) -> Plan:
+    """Target data, frozen features of both domains, and the head with its domain objective."""
+    target = load_target_task(recipe, source.label_names)
+    features = domain_features(recipe, source, target, accelerator)
+    del target  # its copy of the model and its loaders are no longer needed
+    plan = build_adaptation_plan(features, source.label_names, recipe, accelerator.device)
+    accelerator.print(
+        f"domain adaptation {recipe.adaptation.method}: {len(features.source_train[1])} source and "
+        f"{len(features.target[1])} target examples, {recipe.adaptation.features} features of width "
+        f"{features.source_train[0].shape[1]}"
+    )
+    return plan

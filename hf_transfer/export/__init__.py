@@ -1,0 +1,1 @@
+"""The output folder: its layout and kind detection, staged writes, model cards, plots, Hub push."""

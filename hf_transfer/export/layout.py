@@ -1,0 +1,55 @@
+"""The output folder's layout: the names of the files a run writes, and which kind of model a folder holds.
+
+Writers (tasks/, adaptation/, sources/vision.py) and readers (inference/) name files through these
+constants, so a folder is recognised in one place (`folder_kind`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+RECIPE_FILE = "recipe.yaml"
+METRICS_FILE = "metrics.json"
+LOG_FILE = "log.jsonl"
+CARD_FILE = "README.md"
+CONFIG_FILE = "config.json"  # transformers' or timm's model config
+ADAPTER_CONFIG_FILE = "adapter_config.json"  # a peft adapter
+HEAD_INFO_FILE = "hf_transfer.json"  # image runs: what timm's config.json cannot say (the head, the source)
+MULTIMODAL_FILE = "multimodal.json"
+FUSION_WEIGHTS_FILE = "fusion.safetensors"
+ADAPTATION_FILE = "adaptation.json"
+ADAPTATION_HEAD_FILE = "adaptation_head.safetensors"
+TCA_FILE = "tca.safetensors"
+MERGED_DIR = "merged"  # LoRA runs with strategy.merge_lora: the merged full model
+EVALUATIONS_DIR = "evaluations"
+
+# folder kinds: a model one library loads (text: transformers / peft, image: timm), or one that
+# hf_transfer's own loader rebuilds (two_tower, adapted)
+TEXT, IMAGE, TWO_TOWER, ADAPTED = "text", "image", "two_tower", "adapted"
+_MARKERS = {MULTIMODAL_FILE: TWO_TOWER, ADAPTATION_FILE: ADAPTED}
+
+
+def _recipe_task(folder: Path) -> str | None:
+    try:
+        values = yaml.safe_load((folder / RECIPE_FILE).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return values.get("task", "text") if isinstance(values, dict) else None
+
+
+def folder_kind(folder: Path) -> str:
+    """TEXT, IMAGE, TWO_TOWER or ADAPTED; a folder that is none of them reads as IMAGE, whose loader says why."""
+    for marker, kind in _MARKERS.items():
+        if (folder / marker).is_file():
+            return kind
+    if (folder / RECIPE_FILE).is_file():
+        return TEXT if _recipe_task(folder) == "text" else IMAGE
+    config = folder / CONFIG_FILE
+    try:
+        is_transformers = config.is_file() and "model_type" in json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError):
+        is_transformers = False
+    return TEXT if is_transformers else IMAGE  # timm's config.json has 'architecture' instead

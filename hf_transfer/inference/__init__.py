@@ -1,0 +1,1 @@
+"""Inference: one loader of a saved run (loader.py), used by predict and evaluate."""

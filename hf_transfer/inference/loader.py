@@ -1,0 +1,239 @@
+"""One loader of a saved model: what `predict` and `evaluate` (and Python users) load back.
+
+What a run wrote is enough to rebuild its model: the recipe (recipe.yaml), the label names
+(metrics.json, or the model's own config), and the weights the library saved. Weights are read
+from safetensors only; custom modelling code runs only when the run's recipe allowed it. The
+folder's kind (export/layout.py) picks the loader from `LOADERS`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from hf_transfer.errors import HfTransferError
+from hf_transfer.export.layout import (
+    ADAPTED,
+    ADAPTER_CONFIG_FILE,
+    CONFIG_FILE,
+    HEAD_INFO_FILE,
+    IMAGE,
+    METRICS_FILE,
+    RECIPE_FILE,
+    TEXT,
+    TWO_TOWER,
+    folder_kind,
+)
+from hf_transfer.recipe import HeadConfig, ModelConfig, Recipe, recipe_from_dict
+
+
+@dataclass
+class SavedModel:
+    """A saved classifier, in eval mode: `model(**batch)` maps a batch (without labels) to logits."""
+
+    model: nn.Module
+    label_names: list[str]
+    kind: str
+    recipe: Recipe | None  # None for a folder another tool exported (a stock timm folder)
+    tokenizer: Any = None  # text models
+    transform: Callable | None = None  # image models: the model's own eval preprocessing
+
+
+def run_recipe(folder: Path) -> Recipe:
+    """The recipe a run saved in its output folder."""
+    path = folder / RECIPE_FILE
+    if not path.is_file():
+        raise HfTransferError(
+            f"{folder} has no recipe.yaml: give the output folder of an hf-transfer run "
+            "(image folders exported by timm also work with `predict`)."
+        )
+    values = yaml.safe_load(path.read_text())
+    if not isinstance(values, dict):
+        raise HfTransferError(f"{path} is not a recipe (a YAML mapping of sections).")
+    return recipe_from_dict(values)
+
+
+def run_label_names(folder: Path) -> list[str]:
+    """Label names in id order: from metrics.json, else from the model's config.json."""
+    metrics = folder / METRICS_FILE
+    if metrics.is_file():
+        names = json.loads(metrics.read_text()).get("eval", {}).get("confusion_matrix", {}).get("labels")
+        if names:
+            return list(names)
+    config = folder / CONFIG_FILE
+    if config.is_file():
+        id2label = json.loads(config.read_text()).get("id2label")
+        if id2label:
+            return [id2label[str(i)] for i in range(len(id2label))]
+    raise HfTransferError(f"{folder} records no label names (no metrics.json or config.json with id2label).")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise HfTransferError(f"Cannot read {path}: {error}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Text: transformers (or peft on the source model)
+
+
+class LogitsOf(nn.Module):
+    """The logits of a transformers classifier, so it fits loops that expect `model(**batch) -> logits`."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(**inputs).logits
+
+
+def load_text_classifier(folder: Path) -> SavedModel:
+    """A text run's classifier: the saved transformers model, or the source model plus the LoRA adapter."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    recipe = run_recipe(folder)
+    label_names = run_label_names(folder)
+    trust = recipe.model.trust_remote_code
+    if (folder / ADAPTER_CONFIG_FILE).is_file():
+        from peft import PeftModel
+
+        from hf_transfer.sources.text import load_text_model
+
+        # the source model rebuilt as in training (offline copies included), then the adapter and head
+        base = load_text_model(recipe.model, label_names).model
+        model = PeftModel.from_pretrained(base, str(folder))
+    elif (folder / CONFIG_FILE).is_file():
+        model = AutoModelForSequenceClassification.from_pretrained(
+            folder, use_safetensors=True, trust_remote_code=trust
+        )
+    else:
+        raise HfTransferError(
+            f"{folder} holds no saved model (no config.json or adapter_config.json); did the run finish?"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
+    return SavedModel(LogitsOf(model).eval(), label_names, TEXT, recipe, tokenizer=tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Images: a stock timm folder, the same with an mlp/bottleneck head, or a LoRA adapter
+
+
+def _label_names(config: dict) -> list[str]:
+    names = config.get("label_names")
+    if isinstance(names, list):
+        return [str(n) for n in names]
+    if isinstance(names, dict):  # timm allows {id: name} when ids have gaps
+        return [str(names.get(str(i), names.get(i, i))) for i in range(config["num_classes"])]
+    return [str(i) for i in range(config["num_classes"])]
+
+
+def _load_custom_head(folder: Path, info: dict) -> nn.Module:
+    """timm rebuilds the architecture from config.json; the head comes from hf_transfer.json."""
+    import timm
+    from safetensors.torch import load_file
+
+    from hf_transfer.sources.vision import attach_head
+
+    model = timm.create_model(f"local-dir:{folder}", pretrained=False)
+    attach_head(model, HeadConfig(**info["head"]))
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return model
+
+
+def _load_lora(folder: Path, info: dict, label_names: list[str]) -> nn.Module:
+    """The source model rebuilt as in training, then peft's adapter (with the trained head) on it."""
+    from peft import PeftModel
+
+    from hf_transfer.sources.vision import load_vision_model
+
+    source = ModelConfig(**info["source_model"])
+    if not source.pretrained:
+        raise HfTransferError(
+            f"{folder} holds a LoRA adapter on a randomly initialised source model, which cannot be rebuilt; "
+            "train with strategy.merge_lora true and predict with OUTPUT/merged."
+        )
+    base = load_vision_model(source, HeadConfig(**info["head"]), label_names, info.get("image_size"))
+    return PeftModel.from_pretrained(base.model, str(folder))
+
+
+def load_saved_model(folder: str | Path) -> tuple[nn.Module, list[str]]:
+    """(timm model in eval mode, label names) from an output folder of an image run, or a timm export."""
+    import timm
+
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).is_file():
+        raise HfTransferError(
+            f"{folder} is not a saved image model (no config.json); give the output folder of an image run."
+        )
+    config = _read_json(folder / CONFIG_FILE)
+    if "architecture" not in config:
+        raise HfTransferError(f"{folder}/config.json is not a timm config (no 'architecture'); is it an image model?")
+    label_names = _label_names(config)
+    info_file = folder / HEAD_INFO_FILE
+    info = _read_json(info_file) if info_file.is_file() else {}
+    if (folder / ADAPTER_CONFIG_FILE).is_file():
+        model = _load_lora(folder, info, label_names)
+    elif info.get("head", {}).get("type", "linear") != "linear":
+        model = _load_custom_head(folder, info)
+    else:
+        model = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    return model.eval(), label_names
+
+
+class PixelLogits(nn.Module):
+    """A timm (or peft-wrapped timm) model called the way the loops call models: `model(pixel_values=...)`."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor, **_unused: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values)
+
+
+def load_image_classifier(folder: Path) -> SavedModel:
+    from timm.data import create_transform, resolve_data_config
+
+    model, label_names = load_saved_model(folder)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    transform = create_transform(**resolve_data_config({}, model=base))  # the model's own eval preprocessing
+    recipe = run_recipe(folder) if (folder / RECIPE_FILE).is_file() else None
+    return SavedModel(PixelLogits(model).eval(), label_names, IMAGE, recipe, transform=transform)
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry
+
+
+def _python_only(what: str) -> Callable[[Path], SavedModel]:
+    def refuse(folder: Path) -> SavedModel:
+        raise HfTransferError(f"{folder} holds {what}; evaluate and predict do not serve it yet.")
+
+    return refuse
+
+
+LOADERS: dict[str, Callable[[Path], SavedModel]] = {
+    TEXT: load_text_classifier,
+    IMAGE: load_image_classifier,
+    # two towers and adapted heads are not one library's classifier: they load in Python instead
+    TWO_TOWER: _python_only("a two-tower model; load it with hf_transfer.multimodal.load_two_tower(folder)"),
+    ADAPTED: _python_only("a domain-adapted model; load it with hf_transfer.adapted_model.load_adapted_model(folder)"),
+}
+
+
+def load_saved_run(folder: str | Path) -> SavedModel:
+    """The model in `folder`, whatever its kind, ready for inference."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise HfTransferError(f"{folder} is not a folder; give the output folder of a run.")
+    return LOADERS[folder_kind(folder)](folder)

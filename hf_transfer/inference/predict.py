@@ -1,0 +1,122 @@
+"""Labelling inputs with a saved model: `hf-transfer predict OUTPUT_DIR INPUT ...`.
+
+Inputs are images (files and folders) for an image model and texts (on the command line, .txt
+files, or the text column of tables) for a text model. Preprocessing is the saved model's own: its
+tokenizer with the run's max_length, or the eval transform of its timm data config.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hf_transfer.errors import HfTransferError
+from hf_transfer.export.layout import TEXT
+from hf_transfer.inference.loader import SavedModel, load_saved_run
+
+logger = logging.getLogger(__name__)
+
+TABLE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
+
+
+@dataclass
+class Prediction:
+    path: str  # the image's path, or the text itself
+    labels: list[str]  # best first
+    probabilities: list[float]
+
+
+def read_texts(inputs: list[str], text_column: str) -> list[str]:
+    """Each input is a file of texts (.txt: one per line; a table: its text column) or a text itself."""
+    texts: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if path.suffix == ".txt" and path.is_file():
+            texts.extend(line for line in path.read_text().splitlines() if line.strip())
+        elif path.suffix in TABLE_SUFFIXES and path.is_file():
+            from datasets import load_dataset
+
+            from hf_transfer.data.splits import FILE_BUILDERS, check_columns
+
+            builder, kwargs = FILE_BUILDERS[path.suffix]
+            table = load_dataset(builder, data_files=str(path), split="train", **kwargs)
+            check_columns(table, [text_column], path.name)
+            texts.extend(str(t) for t in table[text_column])
+        elif path.suffix in (".txt", *TABLE_SUFFIXES) and not path.exists():
+            raise HfTransferError(f"{item} does not exist.")
+        else:
+            texts.append(item)
+    if not texts:
+        raise HfTransferError("No texts to label: give texts, or .txt / csv / jsonl / parquet files of texts.")
+    return texts
+
+
+def find_images(inputs: list[str]) -> list[Path]:
+    """Image files named directly, and those inside named folders (recursively, sorted)."""
+    from hf_transfer.data.images import IMAGE_EXTENSIONS
+
+    found: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found.extend(sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS))
+        elif item.is_file():
+            found.append(item)
+        else:
+            raise HfTransferError(f"{item} does not exist.")
+    if not found:
+        raise HfTransferError(f"No images found in {', '.join(inputs)}.")
+    return found
+
+
+def _top_k(saved: SavedModel, shown: list[str], batch: dict[str, torch.Tensor], k: int) -> Iterator[Prediction]:
+    probabilities = saved.model(**batch).float().softmax(dim=-1)
+    top = probabilities.topk(k, dim=-1)
+    for item, values, indices in zip(shown, top.values.tolist(), top.indices.tolist()):
+        yield Prediction(item, [saved.label_names[i] for i in indices], values)
+
+
+def _predict_texts(saved: SavedModel, inputs: list[str], k: int, batch_size: int, text_column: str | None):
+    texts = read_texts(inputs, text_column or saved.recipe.data.text_column)
+    max_length = saved.recipe.data.max_length
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start:start + batch_size]
+        encoded = saved.tokenizer(chunk, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        # one line per text on output: tabs and newlines inside it would break the columns
+        yield from _top_k(saved, [" ".join(text.split()) for text in chunk], dict(encoded), k)
+
+
+def _predict_images(saved: SavedModel, inputs: list[str], k: int, batch_size: int, _text_column: str | None):
+    from hf_transfer.data.images import load_rgb
+
+    images = find_images(inputs)
+    for start in range(0, len(images), batch_size):
+        paths, pixels = [], []
+        for path in images[start:start + batch_size]:
+            try:
+                pixels.append(saved.transform(load_rgb(path)))
+                paths.append(str(path))
+            except Exception as error:  # any decode failure: say which file, go on
+                logger.warning("skipped %s: cannot decode it (%s)", path, type(error).__name__)
+        if pixels:
+            yield from _top_k(saved, paths, {"pixel_values": torch.stack(pixels)}, k)
+
+
+@torch.no_grad()
+def predict(
+    folder: str | Path, inputs: list[str], top_k: int = 1, batch_size: int = 32, text_column: str | None = None
+) -> Iterator[Prediction]:
+    """Top-k labels and probabilities of each input (unreadable images are logged and skipped)."""
+    saved = load_saved_run(folder)
+    k = max(1, min(top_k, len(saved.label_names)))
+    predict_kind = _predict_texts if saved.kind == TEXT else _predict_images
+    yield from predict_kind(saved, inputs, k, batch_size, text_column)
+
+
+def format_prediction(prediction: Prediction) -> str:
+    """`input<TAB>label<TAB>probability`, one label/probability pair per top-k rank."""
+    pairs = (f"{label}\t{p:.4f}" for label, p in zip(prediction.labels, prediction.probabilities))
+    return "\t".join([prediction.path, *pairs])

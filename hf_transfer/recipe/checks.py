@@ -1,0 +1,140 @@
+"""Building a recipe from nested dicts: every value checked against its field's type, unknown keys
+named with the closest valid one, then each section's checks and the checks across sections."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Literal
+
+from hf_transfer.errors import HfTransferError
+from hf_transfer.recipe.schema import Recipe
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _type_error(key: str, value: Any, expected: Any) -> HfTransferError:
+    return HfTransferError(f"Recipe key '{key}' got {value!r}, which is not {_describe(expected)}. Fix the value.")
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`, converting where YAML is loose (1 -> 1.0)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(key, value, option)
+            except HfTransferError:
+                continue
+        raise _type_error(key, value, tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise _type_error(key, value, tp)
+    if origin is list:
+        if not isinstance(value, list):
+            raise _type_error(key, value, tp)
+        (item_type,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", item, item_type) for i, item in enumerate(value)]
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _type_error(key, value, tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _type_error(key, value, tp)
+        return _build(tp, value, prefix=f"{key}.")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # PyYAML reads 5e-5 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise _type_error(key, value, tp) from None
+    if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    if tp is float and isinstance(value, float):
+        return value
+    raise _type_error(key, value, tp)
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for name in _fields(cls):
+        keys.append(prefix + name)
+        if dataclasses.is_dataclass(hints[name]):
+            keys.extend(_all_keys(hints[name], f"{prefix}{name}."))
+    return keys
+
+
+def unknown_key_error(key: str) -> HfTransferError:
+    close = difflib.get_close_matches(key, _all_keys(Recipe), n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}'?" if close else " See the recipe reference in README.md."
+    return HfTransferError(f"Unknown recipe key '{key}'.{hint}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = _fields(cls)
+    kwargs = {}
+    for name, value in values.items():
+        if name not in known:
+            raise unknown_key_error(prefix + str(name))
+        kwargs[name] = _coerce(prefix + name, value, hints[name])
+    return cls(**kwargs)
+
+
+def recipe_from_dict(values: dict[str, Any]) -> Recipe:
+    recipe = _build(Recipe, values)
+    validate(recipe)
+    return recipe
+
+
+def validate(recipe: Recipe) -> None:
+    """Each section's own checks, then the checks that span sections."""
+    for section in (recipe.data, recipe.strategy, recipe.training, recipe.output):
+        section.check()
+    if recipe.training.cache_views < 1 or recipe.data.pad_to_multiple_of < 1:
+        raise HfTransferError("training.cache_views and data.pad_to_multiple_of must be >= 1.")
+    validate_adaptation(recipe)
+    if recipe.task == "multimodal" and recipe.multimodal.hidden_dim < 1:
+        raise HfTransferError("multimodal.hidden_dim must be >= 1.")
+
+
+def validate_adaptation(recipe: Recipe) -> None:
+    adaptation = recipe.adaptation
+    if adaptation.method == "none" and not adaptation.target_path:
+        return  # no adaptation; with a target, method none is the source-only baseline on it
+    if not adaptation.target_path:
+        raise HfTransferError(f"adaptation.method {adaptation.method} needs adaptation.target_path (the target data).")
+    if recipe.task == "multimodal":
+        raise HfTransferError("Domain adaptation serves task text or image, not multimodal; set adaptation.method none.")
+    if recipe.strategy.name != "freeze_backbone":
+        raise HfTransferError(
+            "Domain adaptation trains a bottleneck and classifier on the frozen backbone's features; "
+            "set strategy.name freeze_backbone."
+        )
+    if adaptation.features == "mean" and recipe.task != "text":
+        raise HfTransferError("adaptation.features mean applies to text models; use head_input for images.")
+    if (adaptation.weight is not None and adaptation.weight < 0) or adaptation.ramp_gamma <= 0 or not 0 <= adaptation.dropout < 1:
+        raise HfTransferError("adaptation.weight must be >= 0, ramp_gamma > 0 and dropout in [0, 1).")
+    if adaptation.bottleneck_dim < 1 or adaptation.tca_components < 1 or adaptation.tca_mu <= 0:
+        raise HfTransferError("adaptation.bottleneck_dim and tca_components must be >= 1, tca_mu > 0.")
+    if adaptation.tca_max_samples < 2 * adaptation.tca_components:
+        raise HfTransferError("adaptation.tca_max_samples must be at least twice tca_components.")

@@ -1,0 +1,95 @@
+"""What the loop optimises with: parameter groups, optimiser, schedule, class weights, train mode."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from transformers import get_scheduler
+
+from hf_transfer.errors import HfTransferError
+from hf_transfer.recipe import TrainingConfig
+from hf_transfer.sources.base import TransferModel
+
+
+def parameter_groups(model: TransferModel, config: TrainingConfig, include_frozen: bool = False) -> list[dict]:
+    """Optimiser groups: head and backbone with their learning rates, no decay on biases and norms.
+
+    `include_frozen` adds parameters frozen now but unfrozen later (gradual unfreezing); the
+    optimiser skips them while they have no gradient.
+    """
+    groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        if not (parameter.requires_grad or include_frozen):
+            continue
+        part = "head" if model.is_head_parameter(name) else "backbone"
+        decay = parameter.ndim > 1
+        groups.setdefault((part, decay), []).append(parameter)
+    lrs = {"head": config.head_lr or config.lr, "backbone": config.backbone_lr or config.lr}
+    return [
+        {
+            "params": params,
+            "lr": lrs[part],
+            "weight_decay": config.weight_decay if decay else 0.0,
+            "name": f"{part}{'' if decay else '_no_decay'}",
+        }
+        for (part, decay), params in groups.items()
+    ]
+
+
+def build_optimizer(
+    model: TransferModel, config: TrainingConfig, include_frozen: bool, capturable: bool = False
+) -> torch.optim.Optimizer:
+    """`capturable`: an optimiser whose step can be recorded in a CUDA graph (see cuda_graphs.py)."""
+    groups = parameter_groups(model, config, include_frozen)
+    if not groups:
+        raise HfTransferError("The strategy left no parameter to train; check strategy.name.")
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+    optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    # the fused kernel is one launch per step instead of one per tensor; it needs every
+    # parameter on a CUDA device
+    fused = all(p.is_cuda for g in groups for p in g["params"]) or None
+    return optimizer_class(groups, lr=config.lr, fused=fused, capturable=capturable)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainingConfig, steps_per_epoch: int):
+    """Returns (scheduler, steps per optimiser step?): step and one-cycle by epoch / by step."""
+    total = config.epochs * steps_per_epoch
+    if config.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_size, gamma=config.gamma), False
+    if config.scheduler == "onecycle":
+        max_lrs = [g["lr"] for g in optimizer.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lrs, total_steps=total), True
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[config.scheduler]
+    warmup = math.ceil(config.warmup_ratio * total)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total), True
+
+
+def class_weights(setting: str | list[float] | None, train_labels: list[int], num_classes: int) -> torch.Tensor | None:
+    """Loss weights per class: given, or 'auto' = inverse frequency (n / (k * count_c))."""
+    if setting is None:
+        return None
+    if setting == "auto":
+        counts = Counter(train_labels)
+        return torch.tensor(
+            [len(train_labels) / (num_classes * max(counts.get(c, 0), 1)) for c in range(num_classes)]
+        )
+    if len(setting) != num_classes:
+        raise HfTransferError(f"training.class_weights has {len(setting)} values for {num_classes} classes.")
+    return torch.tensor(setting, dtype=torch.float)
+
+
+def set_train_mode(model: nn.Module) -> None:
+    """`model.train()`, except that fully frozen BatchNorm layers stay in eval mode.
+
+    `train()` would switch them back to batch statistics and keep updating their running means,
+    so a "frozen" backbone would drift; this is the classic feature-extraction trap.
+    """
+    model.train()
+    for module in model.modules():
+        if isinstance(module, _BatchNorm) and not any(p.requires_grad for p in module.parameters()):
+            module.eval()
