@@ -6,6 +6,7 @@ User mistakes end with one line on stderr and exit status 2, never a stack trace
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from hf_transfer.errors import HfTransferError
@@ -40,7 +41,9 @@ def train_command(args: argparse.Namespace) -> None:
         overrides.append(f"output.dir={args.output_dir}")
     if args.overwrite:
         overrides.append("output.overwrite=true")
-    run_training(load_recipe(args.recipe, overrides), resume=args.resume)
+    recipe = load_recipe(args.recipe, overrides)
+    args.run_folder = recipe.output_dir  # for the message an interrupted run ends with
+    run_training(recipe, resume=args.resume)
 
 
 def _add_push(subcommands: argparse._SubParsersAction) -> None:
@@ -82,6 +85,14 @@ def _add_evaluate(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--name", help="Subfolder of OUTPUT/evaluations for the results (default: the data's name).")
     parser.add_argument("--batch-size", type=int, default=64, help="Examples per forward pass.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an earlier evaluation of the same name.")
+    add_trust_argument(parser)
+
+
+def add_trust_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="Let a text model folder run its own modelling code (config.json auto_map); off unless you trust it.",
+    )
 
 
 def evaluate_command(args: argparse.Namespace) -> None:
@@ -91,7 +102,7 @@ def evaluate_command(args: argparse.Namespace) -> None:
         raise HfTransferError("--batch-size must be >= 1.")
     result = evaluate_saved_model(
         args.output_dir, args.data, split=args.split, overrides=args.overrides, name=args.name,
-        batch_size=args.batch_size, overwrite=args.overwrite,
+        batch_size=args.batch_size, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
     )
     print(
         f"accuracy {result.metrics['accuracy']:.4f}, macro F1 {result.metrics['f1_macro']:.4f} on "
@@ -114,6 +125,7 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=1, help="Print the k most likely labels per input.")
     parser.add_argument("--batch-size", type=int, default=32, help="Inputs per forward pass.")
     parser.add_argument("--text-column", help="Text model: the column of texts in table files (default: the recipe's).")
+    add_trust_argument(parser)
 
 
 def predict_command(args: argparse.Namespace) -> None:
@@ -121,7 +133,9 @@ def predict_command(args: argparse.Namespace) -> None:
 
     if args.top_k < 1 or args.batch_size < 1:
         raise HfTransferError("--top-k and --batch-size must be >= 1.")
-    for prediction in predict(args.model_dir, args.inputs, args.top_k, args.batch_size, args.text_column):
+    predictions = predict(args.model_dir, args.inputs, args.top_k, args.batch_size, args.text_column,
+                          trust_remote_code=args.trust_remote_code)
+    for prediction in predictions:
         print(format_prediction(prediction), flush=True)
 
 
@@ -154,9 +168,41 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except HfTransferError as error:
-        print(f"hf-transfer: error: {error}", file=sys.stderr)
+        print(f"hf-transfer: error: {one_line(error)}", file=sys.stderr)
         return 2
+    except OSError as error:
+        if error.errno not in ENVIRONMENT_ERRORS:
+            raise
+        place = f" ({error.filename})" if error.filename else ""
+        print(f"hf-transfer: error: {error.strerror}{place}; free space or fix the permissions, then run again.",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hf-transfer: interrupted.{resume_hint(args)}", file=sys.stderr)
+        return 130
     return 0
+
+
+# a full disk or a folder the user may not write: the environment, not a bug; one line, not a traceback
+ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def one_line(error: HfTransferError) -> str:
+    """The error's message on one line; raised in a DataLoader worker, it arrives after the worker's traceback."""
+    text = str(error)
+    if "Original Traceback" in text:
+        text = text.rstrip().splitlines()[-1].partition(": ")[2] or text
+    return " ".join(text.split())
+
+
+def resume_hint(args: argparse.Namespace) -> str:
+    from hf_transfer.training.checkpoint import CHECKPOINTS_DIR, list_checkpoints
+
+    folder = getattr(args, "run_folder", None)
+    found = list_checkpoints(folder / CHECKPOINTS_DIR) if folder is not None else []
+    if not found:
+        return ""
+    return f" The last checkpoint is {found[-1]}; run the same command with --resume to continue from it."
 
 
 if __name__ == "__main__":

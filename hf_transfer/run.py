@@ -9,6 +9,7 @@ does not say, and knows no modality or strategy by name.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from hf_transfer.adaptation.plan import adaptation_plan
 from hf_transfer.cache.head import cached_plan
 from hf_transfer.export.card import write_card
-from hf_transfer.export.folder import prepare_output_dir, staged, write_json, write_text
+from hf_transfer.export.folder import check_output_dir, create_output_dir, staged, write_json, write_text
 from hf_transfer.export.hub import push_folder
 from hf_transfer.export.layout import LOG_FILE, METRICS_FILE, RECIPE_FILE
 from hf_transfer.recipe import Recipe
@@ -26,7 +27,7 @@ from hf_transfer.sources.offline import hub_is_offline, use_offline_mode_if_hub_
 from hf_transfer.strategies import count_parameters
 from hf_transfer.tasks import task_builder
 from hf_transfer.training.callbacks import recipe_callbacks
-from hf_transfer.training.checkpoint import Checkpointer, find_resume_checkpoint
+from hf_transfer.training.checkpoint import Checkpointer, check_resumable, find_resume_checkpoint
 from hf_transfer.training.loop import TrainResult, train
 from hf_transfer.training.plan import Plan
 
@@ -44,14 +45,28 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
     )
 
 
+def check_before_writing(recipe: Recipe, accelerator: Accelerator, resume_from: Path | None) -> None:
+    """Everything that can refuse the run, checked before anything is written or computed."""
+    output_dir = recipe.output_dir
+    if resume_from is not None:
+        check_resumable(resume_from, recipe.to_dict(), accelerator.num_processes)
+    resuming_here = resume_from is not None and output_dir.resolve() in resume_from.resolve().parents
+    if not resuming_here:  # a fresh run, or a checkpoint continued into another folder
+        check_output_dir(output_dir, recipe.output.overwrite)
+
+
 def start_output_folder(recipe: Recipe, accelerator: Accelerator, resume_from: Path | None) -> None:
-    """Refuse a non-empty folder (unless overwriting or resuming), then write recipe.yaml."""
+    """The run starts for real: recipe.yaml written, a fresh run's log.jsonl emptied.
+
+    Called once the task and plan are built, so a run that fails to load its data or model leaves
+    an earlier run in the same folder (--overwrite) as it was.
+    """
     output_dir = recipe.output_dir
     if accelerator.is_main_process:
-        if resume_from is None:
-            prepare_output_dir(output_dir, recipe.output.overwrite)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_text(output_dir / RECIPE_FILE, recipe.to_yaml())
+        create_output_dir(output_dir)
+        # --overwrite is the user's permission for this run, not part of the recipe to reuse
+        saved = dataclasses.replace(recipe, output=dataclasses.replace(recipe.output, overwrite=False))
+        write_text(output_dir / RECIPE_FILE, saved.to_yaml())
         if resume_from is None:
             (output_dir / LOG_FILE).unlink(missing_ok=True)
     accelerator.wait_for_everyone()
@@ -112,7 +127,7 @@ def run_training(recipe: Recipe, resume: str | None = None) -> dict[str, Any]:
     output_dir = recipe.output_dir
     accelerator = make_accelerator(recipe)
     resume_from = find_resume_checkpoint(resume, output_dir) if resume else None
-    start_output_folder(recipe, accelerator, resume_from)
+    check_before_writing(recipe, accelerator, resume_from)
     accelerator.print(f"recipe {recipe.name}:\n{recipe.to_yaml()}")
     if not hub_is_offline() and use_offline_mode_if_hub_unreachable():
         accelerator.print("The Hugging Face Hub is out of reach: using local files and packaged models only.")
@@ -127,6 +142,7 @@ def run_training(recipe: Recipe, resume: str | None = None) -> dict[str, Any]:
     )
     prefer_channels_last(task, accelerator)
     plan = training_plan(recipe, task, accelerator)
+    start_output_folder(recipe, accelerator, resume_from)
     checkpoints = None
     if recipe.training.save_checkpoints or resume_from is not None:
         checkpoints = Checkpointer(

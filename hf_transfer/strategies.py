@@ -27,8 +27,9 @@ def _set_trainable(parameters, trainable: bool) -> None:
         parameter.requires_grad_(trainable)
 
 
-def _freeze_backbone(model: TransferModel, trainable_backbone: bool = False) -> None:
-    _set_trainable((p for _, p in model.backbone_parameters()), trainable_backbone)
+def _train_head(model: TransferModel, and_backbone: bool = False) -> None:
+    """The new head trains; the backbone trains too, or is frozen."""
+    _set_trainable((p for _, p in model.backbone_parameters()), and_backbone)
     _set_trainable((p for _, p in model.head_parameters()), True)
 
 
@@ -60,23 +61,23 @@ class GradualUnfreezing(Callback):
 
 
 def _apply_full(model: TransferModel, config: StrategyConfig) -> list[Callback]:
-    _freeze_backbone(model, trainable_backbone=True)
+    _train_head(model, and_backbone=True)
     return []
 
 
 def _apply_freeze_backbone(model: TransferModel, config: StrategyConfig) -> list[Callback]:
-    _freeze_backbone(model)
+    _train_head(model)
     return []
 
 
 def _apply_partial(model: TransferModel, config: StrategyConfig) -> list[Callback]:
-    _freeze_backbone(model)
+    _train_head(model)
     _unfreeze_top_blocks(model, config.trainable_blocks)
     return []
 
 
 def _apply_gradual_unfreeze(model: TransferModel, config: StrategyConfig) -> list[Callback]:
-    _freeze_backbone(model)
+    _train_head(model)
     return [GradualUnfreezing(model, config.unfreeze_every)]
 
 
@@ -141,7 +142,7 @@ STRATEGIES: dict[str, Strategy] = {
 }
 
 
-def strategy(config: StrategyConfig) -> Strategy:
+def get_strategy(config: StrategyConfig) -> Strategy:
     if config.name not in STRATEGIES:  # the schema's Literal lists the same names
         raise HfTransferError(f"Unknown strategy '{config.name}'; choose one of {', '.join(STRATEGIES)}.")
     return STRATEGIES[config.name]
@@ -149,7 +150,7 @@ def strategy(config: StrategyConfig) -> Strategy:
 
 def apply_strategy(model: TransferModel, config: StrategyConfig) -> list[Callback]:
     """Freeze and unfreeze `model` in place; returns the callbacks the loop needs (gradual unfreezing)."""
-    return strategy(config).apply(model, config)
+    return get_strategy(config).apply(model, config)
 
 
 def merged_copy(library_model: nn.Module) -> nn.Module:

@@ -29,7 +29,7 @@ from hf_transfer.cache.store import FeatureKey, FeatureStore, extract_features, 
 from hf_transfer.errors import HfTransferError
 from hf_transfer.recipe import Recipe, StrategyConfig
 from hf_transfer.sources.base import TransferModel
-from hf_transfer.strategies import strategy
+from hf_transfer.strategies import get_strategy
 from hf_transfer.training.plan import Callback, Plan
 
 logger = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def cached_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, d
 
 def unsupported_reason(model: TransferModel, config: StrategyConfig) -> str | None:
     """Why the cache cannot serve this run, or None when it can."""
-    if strategy(config).trains_backbone:
+    if get_strategy(config).trains_backbone:
         return f"strategy {config.name} trains backbone weights (the cache serves freeze_backbone)"
     if len(model.head_modules) != 1:
         return f"the head is {len(model.head_modules)} modules ({model.head_modules}), not one"

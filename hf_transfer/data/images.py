@@ -133,6 +133,12 @@ def check_image_folder(root: Path) -> list[str]:
                 f"e.g. {split_dir}/<class name>/image.jpg."
             )
         for class_dir in class_dirs:
+            nested = _subfolders(class_dir)
+            if nested:  # imagefolder would then read labels from the wrong folder level
+                raise HfTransferError(
+                    f"Class folder {class_dir} holds the folder {nested[0].name}/; put each class's images directly "
+                    f"in its folder ({class_dir}/image.jpg), one folder level below {split_dir}."
+                )
             if not _image_files(class_dir):
                 raise HfTransferError(
                     f"Class folder {class_dir} has no images; add images to it or remove it."
@@ -200,12 +206,14 @@ class ImageCheck:
     converted: Counter = field(default_factory=Counter)
 
 
-def _image_mode(value: dict[str, Any]) -> str | None:
-    """The decoded image's mode, or None when it cannot be decoded."""
+def _image_mode(value: dict[str, Any]) -> tuple[str | None, str]:
+    """(the decoded image's mode, "") or (None, why it cannot be used)."""
     try:
-        return open_image(value).mode
-    except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-        return None
+        return open_image(value).mode, ""
+    except Image.DecompressionBombError:
+        return None, f"over PIL's limit of {Image.MAX_IMAGE_PIXELS:,} pixels; resize it, or raise PIL.Image.MAX_IMAGE_PIXELS"
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError, ...
+        return None, ""
 
 
 def _describe(value: dict[str, Any], index: int) -> str:
@@ -219,9 +227,9 @@ def check_images(dataset: Dataset, column: str, workers: int, check: ImageCheck)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         modes = list(pool.map(_image_mode, values))
     keep = []
-    for index, (value, mode) in enumerate(zip(values, modes)):
+    for index, (value, (mode, reason)) in enumerate(zip(values, modes)):
         if mode is None:
-            check.skipped.append(_describe(value, index))
+            check.skipped.append(_describe(value, index) + (f" ({reason})" if reason else ""))
             continue
         keep.append(index)
         if mode != "RGB":
@@ -281,13 +289,6 @@ def load_image_splits(config: DataConfig, seed: int, workers: int | None = None)
     return LabelledSplits(train=train, validation=validation, label_names=splits.label_names), check
 
 
-def _scale_range(values: list[float], key: str, upper: float | None) -> tuple[float, float]:
-    if len(values) != 2 or not 0 < values[0] <= values[1] or (upper is not None and values[1] > upper):
-        limit = f" and at most {upper}" if upper is not None else ""
-        raise HfTransferError(f"data.augment.{key} must be two numbers [low, high], 0 < low <= high{limit}.")
-    return float(values[0]), float(values[1])
-
-
 def image_transforms(data_config: dict[str, Any], augment: AugmentConfig) -> tuple[Callable, Callable]:
     """(train, eval) transforms from the model's data config; only train augments."""
     from timm.data import create_transform
@@ -301,8 +302,8 @@ def image_transforms(data_config: dict[str, Any], augment: AugmentConfig) -> tup
             **data_config,
             is_training=True,
             separate=True,  # three stages, so rotation / TrivialAugment slot in between
-            scale=_scale_range(augment.scale, "scale", 1.0),
-            ratio=_scale_range(augment.ratio, "ratio", None),
+            scale=tuple(augment.scale),  # checked when the recipe was read (AugmentConfig.check)
+            ratio=tuple(augment.ratio),
             hflip=augment.hflip,
             vflip=augment.vflip,
             color_jitter=augment.color_jitter or None,
@@ -324,11 +325,23 @@ def image_transforms(data_config: dict[str, Any], augment: AugmentConfig) -> tup
     return transforms.Compose([primary, *extra, secondary, final]), eval_transform
 
 
+def decoded_image(value: Any) -> Image.Image:
+    """`load_rgb`, with one clear error for an image the check pass did not see (data.verify_images false)."""
+    try:
+        return load_rgb(value)
+    except Exception as error:
+        where = value.get("path") if isinstance(value, dict) else value
+        raise HfTransferError(
+            f"Cannot decode the image {where} ({type(error).__name__}); set data.verify_images true to skip "
+            "unreadable images, or fix the file."
+        ) from None
+
+
 def with_transform(dataset: Dataset, transform: Callable, column: str) -> Dataset:
     """Decode, convert and transform on access (in the loader's workers): nothing is cached."""
 
     def apply(batch: dict) -> dict:
-        pixels = [transform(load_rgb(value)) for value in batch[column]]
+        pixels = [transform(decoded_image(value)) for value in batch[column]]
         return {"pixel_values": pixels, "labels": batch["label"]}
 
     return dataset.with_transform(apply)

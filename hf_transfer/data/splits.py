@@ -7,6 +7,9 @@ names and ids, checking labels across splits, sampling, and carving a stratified
 from __future__ import annotations
 
 import csv
+import json
+import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +50,41 @@ def _load_files(files: dict[str, Path]) -> DatasetDict:
         if path.stat().st_size == 0:  # datasets would fail with an obscure "corresponds to no data"
             raise HfTransferError(f"The {_canonical(split)} split is empty ({path}); give it some examples.")
     builder, kwargs = FILE_BUILDERS[suffixes.pop()]
-    return load_dataset(builder, data_files={k: str(v) for k, v in files.items()}, **kwargs)
+    try:
+        return load_dataset(builder, data_files={k: str(v) for k, v in files.items()}, **kwargs)
+    except Exception as error:  # datasets wraps a bad file's parser error in its own types
+        raise HfTransferError(_unreadable_file_reason(files, error)) from None
+
+
+def read_table(path: Path):
+    """One data file as a `datasets.Dataset` (its only split), or one clear error."""
+    if path.suffix not in FILE_BUILDERS:
+        raise HfTransferError(f"Cannot read {path}: use one of {', '.join(FILE_BUILDERS)}.")
+    return _load_files({"train": path})["train"]
+
+
+def _unreadable_file_reason(files: dict[str, Path], error: Exception) -> str:
+    """What is wrong with the data file that `datasets` could not read, as precisely as can be found."""
+    for split, path in files.items():
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as decode_error:
+            return (f"{path} is not UTF-8 text (byte {decode_error.start} cannot be decoded); "
+                    "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8).")
+        rows = [line for line in text.splitlines() if line.strip()]
+        if path.suffix != ".parquet" and len(rows) <= (1 if path.suffix in (".csv", ".tsv") else 0):
+            return f"The {_canonical(split)} split is empty ({path} has no rows); give it some examples."
+        if path.suffix == ".jsonl":
+            for number, line in enumerate(text.splitlines(), start=1):
+                try:
+                    if line.strip():
+                        json.loads(line)
+                except json.JSONDecodeError as json_error:
+                    return f"{path}, line {number}, is not valid JSON ({json_error.msg}); fix or remove that line."
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    names = ", ".join(str(p) for p in files.values())
+    return f"Cannot read {names} ({type(error).__name__}: {first_line}); check that each file is a valid table."
 
 
 def load_raw(config: DataConfig) -> DatasetDict:
@@ -95,11 +132,39 @@ def check_columns(dataset: Dataset, columns: list[str], split: str) -> None:
         )
 
 
-def _as_key(value: object) -> str:
-    """A label value as a name: 1, 1.0 and "1" are the same class."""
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return str(value)
+def label_keys(values: list[object], split: str, column: str) -> list[str]:
+    """Label values as class names: 1, 1.0 and "1" are one class, and so are "positive " and "positive".
+
+    Empty cells, non-integer numbers (a regression target, not classes) and a column that mixes
+    numbers with words are errors: each would otherwise become a class of its own in silence.
+    """
+    keys, empty, numbers, words = [], [], [], []
+    for row, value in enumerate(values):
+        if value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, float) and math.isnan(value)):
+            empty.append(row)
+            continue
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise HfTransferError(
+                    f"The {split} split's label column '{column}' holds {value!r} (row {row}), not a class: "
+                    "classification needs class names or integer ids."
+                )
+            value = int(value)
+        key = str(value).strip()
+        is_number = (isinstance(value, int) and not isinstance(value, bool)) or key.lstrip("-").isdigit()
+        (numbers if is_number else words).append(key)
+        keys.append(key)
+    if empty:
+        raise HfTransferError(
+            f"The {split} split has {len(empty)} empty label(s) in column '{column}' (first at row {empty[0]}); "
+            "fill them in or drop those rows."
+        )
+    if numbers and words:
+        raise HfTransferError(
+            f"The {split} split's label column '{column}' mixes numbers and words (e.g. {numbers[0]!r} and "
+            f"{words[0]!r}); use one kind of label for every row."
+        )
+    return keys
 
 
 def _label_names(train: Dataset, config: DataConfig) -> list[str]:
@@ -108,9 +173,9 @@ def _label_names(train: Dataset, config: DataConfig) -> list[str]:
         return list(config.label_names)
     if isinstance(feature, ClassLabel):
         return list(feature.names)
-    values = set(train[config.label_column])
-    numeric = all(isinstance(v, (int, float)) for v in values)
-    return [_as_key(v) for v in sorted(values, key=float if numeric else str)]
+    keys = set(label_keys(train[config.label_column], "train", config.label_column))
+    numeric = all(k.lstrip("-").isdigit() for k in keys)
+    return sorted(keys, key=int if numeric else str)
 
 
 def _encode_labels(dataset: Dataset, split: str, config: DataConfig, names: list[str]) -> Dataset:
@@ -124,7 +189,7 @@ def _encode_labels(dataset: Dataset, split: str, config: DataConfig, names: list
         # integer ids index the recipe's label_names
         keys = [names[v] if 0 <= v < len(names) else str(v) for v in values]
     else:
-        keys = [_as_key(v) for v in values]
+        keys = label_keys(values, split, column)
     unknown = sorted(set(keys) - set(names))
     if unknown:
         raise HfTransferError(
@@ -142,6 +207,24 @@ def encode_split(dataset: Dataset, split: str, config: DataConfig, columns: list
         raise HfTransferError(f"The {split} split is empty; give it some examples.")
     check_columns(dataset, [*columns, config.label_column], split)
     return _encode_labels(dataset, split, config, names)
+
+
+def _carve_validation(train: Dataset, names: list[str], config: DataConfig, seed: int) -> DatasetDict:
+    """A stratified, seeded share of train as validation: every class needs a row on each side."""
+    counts = Counter(train["label"])
+    rare = [names[c] for c in range(len(names)) if counts.get(c, 0) < 2]
+    if rare:
+        raise HfTransferError(
+            f"Class(es) {rare} have fewer than 2 training examples, too few to carve a stratified validation "
+            "split from; add examples, or give a validation split (e.g. validation.csv beside train.csv)."
+        )
+    try:
+        return train.train_test_split(test_size=config.validation_fraction, stratify_by_column="label", seed=seed)
+    except ValueError as error:  # scikit-learn-style: a share too small to hold every class
+        raise HfTransferError(
+            f"Cannot carve a stratified validation split of {config.validation_fraction:g} ({error}); "
+            "raise data.validation_fraction or give a validation split."
+        ) from None
 
 
 def _sample(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
@@ -168,9 +251,7 @@ def labelled_splits(raw: DatasetDict, config: DataConfig, columns: list[str], se
         raise HfTransferError(f"Training data has a single class {names}; classification needs at least two.")
     train = _encode_labels(train, "train", config, names)
     if validation is None:
-        parts = train.train_test_split(
-            test_size=config.validation_fraction, stratify_by_column="label", seed=seed
-        )
+        parts = _carve_validation(train, names, config, seed)
         train, validation = parts["train"], parts["test"]
     else:
         validation = _encode_labels(validation, "validation", config, names)

@@ -22,7 +22,7 @@ from hf_transfer.errors import HfTransferError
 from hf_transfer.export.folder import write_text
 from hf_transfer.export.layout import CARD_FILE, HEAD_INFO_FILE, METRICS_FILE, RECIPE_FILE
 from hf_transfer.recipe import Recipe, recipe_from_dict
-from hf_transfer.strategies import strategy
+from hf_transfer.strategies import get_strategy
 
 # the package's model_cards/ (in the source tree, a link to the project's top-level model_cards/)
 CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "model_card.md"
@@ -76,7 +76,7 @@ def _head_text(recipe: Recipe, classes: int) -> str:
 
 
 def _usage(recipe: Recipe, reference: str, folder: Path, label_names: list[str]) -> str:
-    lora = strategy(recipe.strategy).saves_adapter
+    lora = get_strategy(recipe.strategy).saves_adapter
     if recipe.task == "text" and not lora:
         return (
             "from transformers import pipeline\n\n"
@@ -158,7 +158,7 @@ def card_data(recipe: Recipe, summary: dict[str, Any], repo_id: str | None):
             ("f1", "Macro F1", "f1_macro", "macro"),
         )
     ]
-    library = "peft" if strategy(recipe.strategy).saves_adapter else ("transformers" if recipe.task == "text" else "timm")
+    library = "peft" if get_strategy(recipe.strategy).saves_adapter else ("transformers" if recipe.task == "text" else "timm")
     return ModelCardData(
         model_name=repo_id.split("/")[-1] if repo_id else recipe.name,
         base_model=base_model_id(recipe),
@@ -188,7 +188,7 @@ def card_values(recipe: Recipe, summary: dict[str, Any], folder: Path, repo_id: 
         "description": recipe.description,
         "source_model": f"`{recipe.model.name}`"
         + (f" (revision {recipe.model.revision})" if recipe.model.revision else ""),
-        "strategy": strategy(recipe.strategy).describe(recipe.strategy),
+        "strategy": get_strategy(recipe.strategy).describe(recipe.strategy),
         "trainable": f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)",
         "head": _head_text(recipe, len(labels)),
         "training": (

@@ -46,6 +46,11 @@ def _check_folder(folder: Path) -> None:
         )
     if not any(p.is_file() for p in folder.iterdir()):
         raise HfTransferError(f"{folder} is empty; nothing to push.")
+    if not (folder / RECIPE_FILE).is_file():
+        # a data folder or a home directory pushed by a slip would be public by default
+        raise HfTransferError(
+            f"{folder} is not the output folder of an hf-transfer run (no recipe.yaml); push uploads finished runs only."
+        )
 
 
 def push_folder(

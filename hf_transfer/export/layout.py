@@ -45,8 +45,9 @@ def folder_kind(folder: Path) -> str:
     for marker, kind in _MARKERS.items():
         if (folder / marker).is_file():
             return kind
-    if (folder / RECIPE_FILE).is_file():
-        return TEXT if _recipe_task(folder) == "text" else IMAGE
+    task = _recipe_task(folder) if (folder / RECIPE_FILE).is_file() else None
+    if task is not None:  # an unreadable recipe.yaml: the model's own config tells, and the loader says what is wrong
+        return TEXT if task == "text" else IMAGE
     config = folder / CONFIG_FILE
     try:
         is_transformers = config.is_file() and "model_type" in json.loads(config.read_text())

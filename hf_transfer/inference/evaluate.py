@@ -80,6 +80,8 @@ def _image_loader(saved: SavedModel, recipe: Recipe, split: str | None, batch_si
     workers, check = image_num_workers(recipe.training.num_workers), ImageCheck()
     dataset = readable_images(dataset, config, base_dir, workers, check)
     log_image_check(check)
+    if len(dataset) == 0:
+        raise HfTransferError(f"No image of the {split} split can be decoded (see the warnings above).")
     loader = image_loader(with_transform(dataset, saved.transform, config.image_column), batch_size, False, workers, 0)
     return loader, split
 
@@ -105,13 +107,14 @@ def evaluate_saved_model(
     name: str | None = None,
     batch_size: int = 64,
     overwrite: bool = False,
+    trust_remote_code: bool = False,
 ) -> EvaluationResult:
     """Score the model in `output_dir` on `data`; writes metrics.json and confusion_matrix.png
     into OUTPUT/evaluations/NAME."""
     from hf_transfer.export.plots import plot_confusion_matrix
 
     folder = Path(output_dir)
-    saved = load_saved_run(folder)
+    saved = load_saved_run(folder, trust_remote_code=trust_remote_code)
     values = merge_values(dataclasses.asdict(run_recipe(folder)), parse_overrides(list(overrides or [])))
     values["data"]["path"] = data
     recipe = recipe_from_dict(values)

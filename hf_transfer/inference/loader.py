@@ -8,6 +8,7 @@ folder's kind (export/layout.py) picks the loader from `LOADERS`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,9 +55,15 @@ def run_recipe(folder: Path) -> Recipe:
             f"{folder} has no recipe.yaml: give the output folder of an hf-transfer run "
             "(image folders exported by timm also work with `predict`)."
         )
-    values = yaml.safe_load(path.read_text())
+    try:
+        values = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        values = None
     if not isinstance(values, dict):
         raise HfTransferError(f"{path} is not a recipe (a YAML mapping of sections).")
+    missing = [f.name for f in dataclasses.fields(Recipe) if f.name not in values]
+    if missing:  # a run writes every section: a missing one means a damaged file, not a default
+        raise HfTransferError(f"{path} lacks the section(s) {missing}; it is damaged: train again or restore it.")
     return recipe_from_dict(values)
 
 
@@ -64,12 +71,12 @@ def run_label_names(folder: Path) -> list[str]:
     """Label names in id order: from metrics.json, else from the model's config.json."""
     metrics = folder / METRICS_FILE
     if metrics.is_file():
-        names = json.loads(metrics.read_text()).get("eval", {}).get("confusion_matrix", {}).get("labels")
+        names = _read_json(metrics).get("eval", {}).get("confusion_matrix", {}).get("labels")
         if names:
             return list(names)
     config = folder / CONFIG_FILE
     if config.is_file():
-        id2label = json.loads(config.read_text()).get("id2label")
+        id2label = _read_json(config).get("id2label")
         if id2label:
             return [id2label[str(i)] for i in range(len(id2label))]
     raise HfTransferError(f"{folder} records no label names (no metrics.json or config.json with id2label).")
@@ -77,9 +84,12 @@ def run_label_names(folder: Path) -> list[str]:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise HfTransferError(f"Cannot read {path}: {error}") from None
+        values = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise HfTransferError(f"Cannot read {path} ({error}); it may be truncated: train again or restore it.") from None
+    if not isinstance(values, dict):
+        raise HfTransferError(f"{path} is not a JSON object; it may be damaged: train again or restore it.")
+    return values
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,20 +107,36 @@ class LogitsOf(nn.Module):
         return self.model(**inputs).logits
 
 
-def load_text_classifier(folder: Path) -> SavedModel:
-    """A text run's classifier: the saved transformers model, or the source model plus the LoRA adapter."""
+def _refuse_remote_code(folder: Path) -> None:
+    config = folder / CONFIG_FILE
+    if config.is_file() and "auto_map" in _read_json(config):
+        raise HfTransferError(
+            f"{folder}'s config.json names modelling code of its own (auto_map), which would run on loading. "
+            "Pass --trust-remote-code only if you trust where the folder came from."
+        )
+
+
+def load_text_classifier(folder: Path, trust_remote_code: bool = False) -> SavedModel:
+    """A text run's classifier: the saved transformers model, or the source model plus the LoRA adapter.
+
+    Custom modelling code runs only with `trust_remote_code` from the caller: the folder's own
+    recipe.yaml, which came with the folder, cannot allow it.
+    """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     recipe = run_recipe(folder)
     label_names = run_label_names(folder)
-    trust = recipe.model.trust_remote_code
+    trust = trust_remote_code
+    if not trust:
+        _refuse_remote_code(folder)
     if (folder / ADAPTER_CONFIG_FILE).is_file():
         from peft import PeftModel
 
         from hf_transfer.sources.text import load_text_model
 
         # the source model rebuilt as in training (offline copies included), then the adapter and head
-        base = load_text_model(recipe.model, label_names).model
+        source = dataclasses.replace(recipe.model, trust_remote_code=trust)
+        base = load_text_model(source, label_names).model
         model = PeftModel.from_pretrained(base, str(folder))
     elif (folder / CONFIG_FILE).is_file():
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -201,7 +227,7 @@ class PixelLogits(nn.Module):
         return self.model(pixel_values)
 
 
-def load_image_classifier(folder: Path) -> SavedModel:
+def load_image_classifier(folder: Path, trust_remote_code: bool = False) -> SavedModel:  # timm runs no remote code
     from timm.data import create_transform, resolve_data_config
 
     model, label_names = load_saved_model(folder)
@@ -215,14 +241,14 @@ def load_image_classifier(folder: Path) -> SavedModel:
 # The registry
 
 
-def _python_only(what: str) -> Callable[[Path], SavedModel]:
-    def refuse(folder: Path) -> SavedModel:
+def _python_only(what: str) -> Callable[..., SavedModel]:
+    def refuse(folder: Path, trust_remote_code: bool = False) -> SavedModel:
         raise HfTransferError(f"{folder} holds {what}; evaluate and predict do not serve it yet.")
 
     return refuse
 
 
-LOADERS: dict[str, Callable[[Path], SavedModel]] = {
+LOADERS: dict[str, Callable[..., SavedModel]] = {
     TEXT: load_text_classifier,
     IMAGE: load_image_classifier,
     # two towers and adapted heads are not one library's classifier: they load in Python instead
@@ -231,9 +257,18 @@ LOADERS: dict[str, Callable[[Path], SavedModel]] = {
 }
 
 
-def load_saved_run(folder: str | Path) -> SavedModel:
+def load_saved_run(folder: str | Path, trust_remote_code: bool = False) -> SavedModel:
     """The model in `folder`, whatever its kind, ready for inference."""
+    from safetensors import SafetensorError
+
     folder = Path(folder)
     if not folder.is_dir():
         raise HfTransferError(f"{folder} is not a folder; give the output folder of a run.")
-    return LOADERS[folder_kind(folder)](folder)
+    try:
+        return LOADERS[folder_kind(folder)](folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, RuntimeError, SafetensorError, json.JSONDecodeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise HfTransferError(
+            f"Cannot load the model in {folder} ({type(error).__name__}: {first_line}); a file may be truncated "
+            "or missing: train again, or restore the folder."
+        ) from None

@@ -35,15 +35,22 @@ def read_texts(inputs: list[str], text_column: str) -> list[str]:
     texts: list[str] = []
     for item in inputs:
         path = Path(item)
+        if path.is_dir():
+            raise HfTransferError(
+                f"{item} is a folder; a text model labels texts, .txt files (one text per line) and tables "
+                f"({', '.join(TABLE_SUFFIXES)})."
+            )
         if path.suffix == ".txt" and path.is_file():
-            texts.extend(line for line in path.read_text().splitlines() if line.strip())
+            try:
+                texts.extend(line for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+            except UnicodeDecodeError as error:
+                raise HfTransferError(f"{path} is not UTF-8 text (byte {error.start}); save it as UTF-8.") from None
         elif path.suffix in TABLE_SUFFIXES and path.is_file():
-            from datasets import load_dataset
+            from hf_transfer.data.splits import check_columns
 
-            from hf_transfer.data.splits import FILE_BUILDERS, check_columns
+            from hf_transfer.data.splits import read_table
 
-            builder, kwargs = FILE_BUILDERS[path.suffix]
-            table = load_dataset(builder, data_files=str(path), split="train", **kwargs)
+            table = read_table(path)
             check_columns(table, [text_column], path.name)
             texts.extend(str(t) for t in table[text_column])
         elif path.suffix in (".txt", *TABLE_SUFFIXES) and not path.exists():
@@ -92,7 +99,7 @@ def _predict_texts(saved: SavedModel, inputs: list[str], k: int, batch_size: int
 def _predict_images(saved: SavedModel, inputs: list[str], k: int, batch_size: int, _text_column: str | None):
     from hf_transfer.data.images import load_rgb
 
-    images = find_images(inputs)
+    images, decoded = find_images(inputs), 0
     for start in range(0, len(images), batch_size):
         paths, pixels = [], []
         for path in images[start:start + batch_size]:
@@ -102,15 +109,19 @@ def _predict_images(saved: SavedModel, inputs: list[str], k: int, batch_size: in
             except Exception as error:  # any decode failure: say which file, go on
                 logger.warning("skipped %s: cannot decode it (%s)", path, type(error).__name__)
         if pixels:
+            decoded += len(pixels)
             yield from _top_k(saved, paths, {"pixel_values": torch.stack(pixels)}, k)
+    if not decoded:
+        raise HfTransferError(f"None of the {len(images)} image(s) given could be decoded (see the warnings above).")
 
 
 @torch.no_grad()
 def predict(
-    folder: str | Path, inputs: list[str], top_k: int = 1, batch_size: int = 32, text_column: str | None = None
+    folder: str | Path, inputs: list[str], top_k: int = 1, batch_size: int = 32, text_column: str | None = None,
+    trust_remote_code: bool = False,
 ) -> Iterator[Prediction]:
     """Top-k labels and probabilities of each input (unreadable images are logged and skipped)."""
-    saved = load_saved_run(folder)
+    saved = load_saved_run(folder, trust_remote_code=trust_remote_code)
     k = max(1, min(top_k, len(saved.label_names)))
     predict_kind = _predict_texts if saved.kind == TEXT else _predict_images
     yield from predict_kind(saved, inputs, k, batch_size, text_column)

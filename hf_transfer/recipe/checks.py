@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from typing import Any, Literal
@@ -39,7 +40,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         for option in typing.get_args(tp):
             try:
                 return _coerce(key, value, option)
-            except HfTransferError:
+            except HfTransferError as error:
+                if dataclasses.is_dataclass(option) and isinstance(value, dict):
+                    raise error  # a section was meant: its own error says what is wrong inside it
                 continue
         raise _type_error(key, value, tp)
     if origin is Literal:
@@ -83,8 +86,24 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
+# names users bring from transformers' TrainingArguments and the example scripts, where spelling
+# alone would suggest something else (learning_rate is closer to logging_steps than to lr)
+KNOWN_ALIASES = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size", "train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "eval_batch_size", "lr_scheduler_type": "scheduler",
+    "lr_scheduler": "scheduler", "max_seq_length": "max_length", "model_name_or_path": "name",
+    "gradient_accumulation": "gradient_accumulation_steps", "fp16": "mixed_precision", "bf16": "mixed_precision",
+}
+
+
 def unknown_key_error(key: str) -> HfTransferError:
-    close = difflib.get_close_matches(key, _all_keys(Recipe), n=1, cutoff=0.5)
+    keys = _all_keys(Recipe)
+    section, _, last = key.rpartition(".")
+    alias = KNOWN_ALIASES.get(last)
+    candidates = [k for k in keys if k.rsplit(".", 1)[-1] == alias] if alias else []
+    close = sorted(candidates, key=lambda k: k.rpartition(".")[0] != section)[:1]  # same section first
+    close = close or difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     hint = f" Did you mean '{close[0]}'?" if close else " See the recipe reference in README.md."
     return HfTransferError(f"Unknown recipe key '{key}'.{hint}")
 
@@ -97,6 +116,9 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         if name not in known:
             raise unknown_key_error(prefix + str(name))
         kwargs[name] = _coerce(prefix + name, value, hints[name])
+        bounds = known[name].metadata.get("range")
+        if bounds is not None:
+            bounds.check(prefix + name, kwargs[name])
     return cls(**kwargs)
 
 
@@ -108,13 +130,14 @@ def recipe_from_dict(values: dict[str, Any]) -> Recipe:
 
 def validate(recipe: Recipe) -> None:
     """Each section's own checks, then the checks that span sections."""
-    for section in (recipe.data, recipe.strategy, recipe.training, recipe.output):
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", recipe.name) or ".." in recipe.name:
+        # the name becomes the output folder runs/<name>: it must stay a plain folder name
+        raise HfTransferError(
+            f"Recipe name {recipe.name!r} is not a plain name; use letters, digits, '-', '_' and '.' (no '/' or '..')."
+        )
+    for section in (recipe.data, recipe.training, recipe.output):
         section.check()
-    if recipe.training.cache_views < 1 or recipe.data.pad_to_multiple_of < 1:
-        raise HfTransferError("training.cache_views and data.pad_to_multiple_of must be >= 1.")
     validate_adaptation(recipe)
-    if recipe.task == "multimodal" and recipe.multimodal.hidden_dim < 1:
-        raise HfTransferError("multimodal.hidden_dim must be >= 1.")
 
 
 def validate_adaptation(recipe: Recipe) -> None:
@@ -132,9 +155,5 @@ def validate_adaptation(recipe: Recipe) -> None:
         )
     if adaptation.features == "mean" and recipe.task != "text":
         raise HfTransferError("adaptation.features mean applies to text models; use head_input for images.")
-    if (adaptation.weight is not None and adaptation.weight < 0) or adaptation.ramp_gamma <= 0 or not 0 <= adaptation.dropout < 1:
-        raise HfTransferError("adaptation.weight must be >= 0, ramp_gamma > 0 and dropout in [0, 1).")
-    if adaptation.bottleneck_dim < 1 or adaptation.tca_components < 1 or adaptation.tca_mu <= 0:
-        raise HfTransferError("adaptation.bottleneck_dim and tca_components must be >= 1, tca_mu > 0.")
     if adaptation.tca_max_samples < 2 * adaptation.tca_components:
         raise HfTransferError("adaptation.tca_max_samples must be at least twice tca_components.")

@@ -18,6 +18,29 @@ from hf_transfer.recipe.schema import Recipe
 PACKAGE_RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error, not the last wins."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key '{key}' appears twice in one section", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(text: str, what: str) -> Any:
+    """Safe YAML (no Python tags), every key once; a syntax error names `what`."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as error:
+        raise HfTransferError(f"{what} is not valid YAML: {' '.join(str(error).split())}") from None
+
+
 def available_recipes() -> list[str]:
     dirs = [Path("recipes"), PACKAGE_RECIPES_DIR]
     return sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.yaml")})
@@ -47,7 +70,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise HfTransferError(f"Override '{pair}' is not KEY=VALUE (e.g. --set training.lr=3e-5).")
-        value = yaml.safe_load(raw) if raw else None
+        value = read_yaml(raw, f"The value of override '{pair}'") if raw else None
         node = nested
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -79,11 +102,18 @@ def _resolve_relative_path(path: str | None, recipe_dir: Path) -> str | None:
 def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
     path = find_recipe(name_or_path)
     try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise HfTransferError(f"Recipe {path} is not valid YAML: {error}") from None
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise HfTransferError(f"Cannot read recipe {path}: {error}") from None
+    values = read_yaml(text, f"Recipe {path}") or {}
     if not isinstance(values, dict):
         raise HfTransferError(f"Recipe {path} must be a YAML mapping of sections (model:, data:, ...).")
+    output = values.get("output")
+    if isinstance(output, dict) and output.get("overwrite"):
+        # a recipe someone sent must not be able to replace files on its own: only the user, on the command line
+        raise HfTransferError(
+            f"Recipe {path} sets output.overwrite; remove it and pass --overwrite on the command line instead."
+        )
     values.setdefault("name", path.stem)
     data = values.get("data")
     if isinstance(data, dict) and isinstance(data.get("path"), str):

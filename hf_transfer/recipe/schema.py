@@ -8,6 +8,7 @@ its own values (`check`); checks.py builds a recipe from nested dicts and runs t
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +19,51 @@ import yaml
 from hf_transfer.errors import HfTransferError
 
 
-def _f(default: Any, help: str) -> Any:
-    """A dataclass field with its help text (mutable defaults are copied per instance)."""
+@dataclass(frozen=True)
+class Range:
+    """The values a number may take: bounds included (`at_least`, `at_most`) or excluded (`above`, `below`).
+
+    NaN and infinities fall outside every range with a bound, so they are refused too.
+    """
+
+    at_least: float | None = None
+    above: float | None = None
+    at_most: float | None = None
+    below: float | None = None
+
+    def holds(self, value: float) -> bool:
+        checks = (
+            (self.at_least, lambda b: value >= b), (self.above, lambda b: value > b),
+            (self.at_most, lambda b: value <= b), (self.below, lambda b: value < b),
+        )
+        return all(test(bound) for bound, test in checks if bound is not None) and math.isfinite(value)
+
+    def describe(self) -> str:
+        low = ("at least", self.at_least) if self.at_least is not None else ("more than", self.above)
+        high = ("at most", self.at_most) if self.at_most is not None else ("less than", self.below)
+        if low[1] is not None and high[1] is not None:
+            ends = {(True, True): "both included", (False, False): "both excluded",
+                    (True, False): f"{low[1]:g} included, {high[1]:g} excluded",
+                    (False, True): f"{low[1]:g} excluded, {high[1]:g} included"}
+            closed = (self.at_least is not None, self.at_most is not None)
+            return f"lie between {low[1]:g} and {high[1]:g} ({ends[closed]})"
+        word, bound = low if low[1] is not None else high
+        return f"be {word} {bound:g}"
+
+    def check(self, key: str, value: Any) -> None:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not self.holds(value):
+            raise HfTransferError(f"{key} must {self.describe()}; got {value!r}. Fix the value.")
+
+
+def _f(default: Any, help: str, **bounds: float) -> Any:
+    """A dataclass field with its help text and, for numbers, the range it must lie in (see `Range`).
+
+    Mutable defaults are copied per instance.
+    """
+    metadata = {"help": help, "range": Range(**bounds) if bounds else None}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -42,18 +83,24 @@ class AugmentConfig:
 
     scale: list[float] = _f([0.08, 1.0], "Random resized crop: range of the crop's area, as a share of the image.")
     ratio: list[float] = _f([0.75, 1.3333], "Random resized crop: range of the crop's aspect ratio.")
-    hflip: float = _f(0.5, "Probability of a horizontal flip.")
-    vflip: float = _f(0.0, "Probability of a vertical flip.")
-    rotation: float = _f(0.0, "Random rotation by up to this many degrees either way; 0 disables it.")
+    hflip: float = _f(0.5, "Probability of a horizontal flip.", at_least=0, at_most=1)
+    vflip: float = _f(0.0, "Probability of a vertical flip.", at_least=0, at_most=1)
+    rotation: float = _f(0.0, "Random rotation by up to this many degrees either way; 0 disables it.", at_least=0, at_most=180)
     color_jitter: float | None = _f(
-        0.4, "Brightness/contrast/saturation jitter strength; 0 or null disables it. timm drops it when auto_augment is set."
+        0.4, "Brightness/contrast/saturation jitter strength; 0 or null disables it. timm drops it when auto_augment is set.", at_least=0
     )
     auto_augment: str | None = _f(
         None,
         "Policy: timm RandAugment ('rand-m9-mstd0.5'), AugMix ('augmix-m5-w4-d2'), AutoAugment ('original'), "
         "or 'trivialaugment' (torchvision's TrivialAugmentWide); null for none.",
     )
-    re_prob: float = _f(0.0, "Probability of random erasing (a random box replaced by noise).")
+    re_prob: float = _f(0.0, "Probability of random erasing (a random box replaced by noise).", at_least=0, at_most=1)
+
+    def check(self) -> None:
+        for key, values, upper in (("scale", self.scale, 1.0), ("ratio", self.ratio, None)):
+            if len(values) != 2 or not 0 < values[0] <= values[1] or (upper is not None and values[1] > upper):
+                limit = f" and at most {upper}" if upper is not None else ""
+                raise HfTransferError(f"data.augment.{key} must be two numbers [low, high], 0 < low <= high{limit}.")
 
 
 @dataclass
@@ -62,36 +109,35 @@ class DataConfig:
     name: str | None = _f(None, "Hub dataset configuration name.")
     train_split: str = _f("train", "Split (or file stem) used for training.")
     validation_split: str | None = _f("validation", "Split used for validation; if absent, it is carved from train.")
-    validation_fraction: float = _f(0.1, "Share of train carved off (stratified, seeded) when there is no validation split.")
+    validation_fraction: float = _f(0.1, "Share of train carved off (stratified, seeded) when there is no validation split.", above=0, below=1)
     text_column: str = _f("text", "Column holding the text (text tasks).")
     text_pair_column: str | None = _f(None, "Optional second text column (sentence-pair tasks).")
     image_column: str = _f("image", "Column holding the image (image tasks): image files, or paths in a CSV.")
-    image_size: int | None = _f(None, "Image tasks: square input size in pixels; null takes the source model's own.")
+    image_size: int | None = _f(None, "Image tasks: square input size in pixels; null takes the source model's own.", at_least=1)
     augment: AugmentConfig = field(default_factory=AugmentConfig, metadata={"help": "Image tasks: training augmentation."})
     verify_images: bool = _f(True, "Image tasks: decode every image once before training; skip (and list) unreadable ones.")
     label_column: str = _f("label", "Column holding the label.")
     label_names: list[str] | None = _f(None, "Names of the labels in id order, when the data stores integer ids.")
-    max_length: int = _f(128, "Longest tokenised text; longer texts are truncated. Batches pad only to their own longest.")
+    max_length: int = _f(128, "Longest tokenised text; longer texts are truncated. Batches pad only to their own longest.", at_least=1)
     group_by_length: bool = _f(
         True, "Text: batch texts of similar length together (shuffled by length group), so batches carry little padding."
     )
     pad_to_multiple_of: int = _f(
         8, "Text: pad each batch to a multiple of this many tokens. 8 suits tensor cores; 16 or 32 gives fewer "
-        "batch shapes, which CUDA graphs and torch.compile need."
+        "batch shapes, which CUDA graphs and torch.compile need.", at_least=1
     )
-    max_train_samples: int | None = _f(None, "Use only this many training examples (a seeded random sample).")
-    max_eval_samples: int | None = _f(None, "Use only this many validation examples (a seeded random sample).")
+    max_train_samples: int | None = _f(None, "Use only this many training examples (a seeded random sample).", at_least=1)
+    max_eval_samples: int | None = _f(None, "Use only this many validation examples (a seeded random sample).", at_least=1)
 
     def check(self) -> None:
-        if not 0 < self.validation_fraction < 1:
-            raise HfTransferError("data.validation_fraction must lie between 0 and 1, e.g. 0.1.")
+        self.augment.check()
 
 
 @dataclass
 class LoraConfig:
-    r: int = _f(8, "Rank of the LoRA update matrices.")
-    alpha: int = _f(16, "LoRA scaling numerator (the update is scaled by alpha / r).")
-    dropout: float = _f(0.1, "Dropout on the LoRA branch.")
+    r: int = _f(8, "Rank of the LoRA update matrices.", at_least=1)
+    alpha: int = _f(16, "LoRA scaling numerator (the update is scaled by alpha / r).", above=0)
+    dropout: float = _f(0.1, "Dropout on the LoRA branch.", at_least=0, below=1)
     target_modules: list[str] | None = _f(None, "Module names to adapt; default: the attention projections (text), the attention and MLP linears (timm "
         "ViTs); CNNs have no default, so name their modules.")
 
@@ -101,21 +147,17 @@ class StrategyConfig:
     name: Literal["full", "freeze_backbone", "partial", "gradual_unfreeze", "lora"] = _f(
         "full", "Which parameters train: everything, only the head, the top blocks, blocks unfrozen over epochs, or LoRA."
     )
-    trainable_blocks: int = _f(2, "partial: how many of the top backbone blocks train with the head.")
-    unfreeze_every: int = _f(1, "gradual_unfreeze: epochs between unfreezing the next block (top down).")
+    trainable_blocks: int = _f(2, "partial: how many of the top backbone blocks train with the head.", at_least=1)
+    unfreeze_every: int = _f(1, "gradual_unfreeze: epochs between unfreezing the next block (top down).", at_least=1)
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA settings (strategy lora)."})
     merge_lora: bool = _f(False, "lora: also save a merged full model under OUTPUT/merged.")
-
-    def check(self) -> None:
-        if self.name == "partial" and self.trainable_blocks < 1:
-            raise HfTransferError("strategy.trainable_blocks must be >= 1 for the partial strategy.")
 
 
 @dataclass
 class HeadConfig:
     type: Literal["linear", "mlp", "bottleneck"] = _f("linear", "Classification head on the pooled features.")
-    hidden_dim: int = _f(512, "Hidden width of the mlp head / bottleneck width of the bottleneck head.")
-    dropout: float = _f(0.0, "Dropout before the head's layers.")
+    hidden_dim: int = _f(512, "Hidden width of the mlp head / bottleneck width of the bottleneck head.", at_least=1)
+    dropout: float = _f(0.0, "Dropout before the head's layers.", at_least=0, below=1)
 
 
 @dataclass
@@ -140,16 +182,16 @@ class AdaptationConfig:
     )
     weight: float | None = _f(
         None, "Weight of the domain loss: dann, the largest gradient-reversal weight (its ramp ends there); "
-        "mmd and coral, the loss's multiplier. null: the method's default (dann 0.1, mmd 1, coral 1)."
+        "mmd and coral, the loss's multiplier. null: the method's default (dann 0.1, mmd 1, coral 1).", at_least=0
     )
-    ramp_gamma: float = _f(10.0, "dann: steepness of the reversal-weight ramp 2/(1+exp(-gamma*progress))-1.")
-    bottleneck_dim: int = _f(256, "Width of the bottleneck layer whose features the domain loss aligns.")
-    dropout: float = _f(0.5, "Dropout after the bottleneck (and inside the domain discriminator).")
-    tca_components: int = _f(64, "tca: number of transfer components (the head's input width).")
+    ramp_gamma: float = _f(10.0, "dann: steepness of the reversal-weight ramp 2/(1+exp(-gamma*progress))-1.", above=0)
+    bottleneck_dim: int = _f(256, "Width of the bottleneck layer whose features the domain loss aligns.", at_least=1)
+    dropout: float = _f(0.5, "Dropout after the bottleneck (and inside the domain discriminator).", at_least=0, below=1)
+    tca_components: int = _f(64, "tca: number of transfer components (the head's input width).", at_least=1)
     tca_kernel: Literal["linear", "rbf"] = _f("linear", "tca: kernel of the component analysis.")
-    tca_mu: float = _f(1.0, "tca: trade-off between keeping variance and matching the domains (larger: less matching).")
+    tca_mu: float = _f(1.0, "tca: trade-off between keeping variance and matching the domains (larger: less matching).", above=0)
     tca_max_samples: int = _f(
-        1000, "tca: fit on at most this many examples, half source, half target (its cost grows as n^3)."
+        1000, "tca: fit on at most this many examples, half source, half target (its cost grows as n^3).", at_least=2
     )
 
 
@@ -171,8 +213,8 @@ class MultimodalConfig:
         "concat", "concat: both towers' features concatenated into an MLP; gated: a gated multimodal unit weighs "
         "the two projected features per dimension, then an MLP."
     )
-    hidden_dim: int = _f(256, "Width of the fusion head's hidden layer.")
-    dropout: float = _f(0.1, "Dropout in the fusion head.")
+    hidden_dim: int = _f(256, "Width of the fusion head's hidden layer.", at_least=1)
+    dropout: float = _f(0.1, "Dropout in the fusion head.", at_least=0, below=1)
     text_pooling: Literal["head_input", "mean"] = _f(
         "head_input", "Text tower features: head_input (BERT's pooler output) or mean (mean of the last hidden states)."
     )
@@ -180,39 +222,39 @@ class MultimodalConfig:
 
 @dataclass
 class TrainingConfig:
-    epochs: int = _f(3, "Number of passes over the training data.")
-    batch_size: int = _f(32, "Examples per optimiser step on each process (before accumulation).")
-    eval_batch_size: int = _f(64, "Examples per evaluation batch.")
-    lr: float = _f(5e-5, "Learning rate (of every parameter unless backbone_lr / head_lr say otherwise).")
-    backbone_lr: float | None = _f(None, "Learning rate of the pretrained backbone's trainable parameters.")
-    head_lr: float | None = _f(None, "Learning rate of the new head.")
-    weight_decay: float = _f(0.01, "Decoupled weight decay; never applied to biases and norm weights.")
+    epochs: int = _f(3, "Number of passes over the training data.", at_least=1)
+    batch_size: int = _f(32, "Examples per optimiser step on each process (before accumulation).", at_least=1)
+    eval_batch_size: int = _f(64, "Examples per evaluation batch.", at_least=1)
+    lr: float = _f(5e-5, "Learning rate (of every parameter unless backbone_lr / head_lr say otherwise).", above=0)
+    backbone_lr: float | None = _f(None, "Learning rate of the pretrained backbone's trainable parameters.", above=0)
+    head_lr: float | None = _f(None, "Learning rate of the new head.", above=0)
+    weight_decay: float = _f(0.01, "Decoupled weight decay; never applied to biases and norm weights.", at_least=0)
     optimizer: Literal["adamw", "adam", "sgd"] = _f("adamw", "Optimiser.")
-    momentum: float = _f(0.9, "Momentum (sgd).")
+    momentum: float = _f(0.9, "Momentum (sgd).", at_least=0, below=1)
     scheduler: Literal["linear", "cosine", "constant", "step", "onecycle"] = _f("linear", "Learning-rate schedule.")
-    warmup_ratio: float = _f(0.0, "Share of steps spent warming the learning rate up from 0 (linear, cosine, constant).")
-    step_size: int = _f(7, "step: epochs between learning-rate decays.")
-    gamma: float = _f(0.1, "step: decay factor.")
-    gradient_accumulation_steps: int = _f(1, "Batches accumulated per optimiser step.")
-    max_grad_norm: float | None = _f(1.0, "Clip the gradient norm to this; null disables clipping.")
+    warmup_ratio: float = _f(0.0, "Share of steps spent warming the learning rate up from 0 (linear, cosine, constant).", at_least=0, below=1)
+    step_size: int = _f(7, "step: epochs between learning-rate decays.", at_least=1)
+    gamma: float = _f(0.1, "step: decay factor.", above=0)
+    gradient_accumulation_steps: int = _f(1, "Batches accumulated per optimiser step.", at_least=1)
+    max_grad_norm: float | None = _f(1.0, "Clip the gradient norm to this; null disables clipping.", above=0)
     mixed_precision: Literal["no", "fp16", "bf16"] | None = _f(None, "Precision; null takes the accelerate config's.")
     seed: int = _f(42, "Seed of every random choice (sampling, initialisation, shuffling, dropout).")
     metric_for_best: Literal["accuracy", "f1_macro"] = _f(
         "accuracy", "Validation metric that picks the best epoch (higher is better)."
     )
-    early_stopping_patience: int | None = _f(None, "Stop after this many epochs without a better metric_for_best.")
+    early_stopping_patience: int | None = _f(None, "Stop after this many epochs without a better metric_for_best.", at_least=1)
     class_weights: str | list[float] | None = _f(None, "Loss weight per class: a list, 'auto' (inverse frequency), or null.")
-    label_smoothing: float = _f(0.0, "Label smoothing of the cross-entropy loss.")
-    logging_steps: int = _f(10, "Log loss and learning rate every this many optimiser steps.")
+    label_smoothing: float = _f(0.0, "Label smoothing of the cross-entropy loss.", at_least=0, below=1)
+    logging_steps: int = _f(10, "Log loss and learning rate every this many optimiser steps.", at_least=1)
     save_checkpoints: bool = _f(
         True,
         "Write a resumable checkpoint (weights, optimiser, scheduler, RNG, data position, best metric) into "
         "OUTPUT/checkpoints at the end of every epoch; `train --resume` continues from the newest.",
     )
     checkpoint_every_steps: int | None = _f(
-        None, "Also checkpoint every this many optimiser steps, mid-epoch (long epochs); null: at epoch ends only."
+        None, "Also checkpoint every this many optimiser steps, mid-epoch (long epochs); null: at epoch ends only.", at_least=1
     )
-    num_workers: int | None = _f(None, "DataLoader worker processes; null: 0 for text (tokenised batches are cheap), from the CPU count for images.")
+    num_workers: int | None = _f(None, "DataLoader worker processes; null: 0 for text (tokenised batches are cheap), from the CPU count for images.", at_least=0)
     cache_features: bool | Literal["auto"] = _f(
         "auto",
         "Frozen-feature cache: with strategy freeze_backbone, compute the backbone's features once and train the "
@@ -223,7 +265,7 @@ class TrainingConfig:
         1,
         "Frozen-feature cache, image tasks: 1 caches one view of each training image without augmentation (the "
         "usual linear probe, fastest); K > 1 caches K augmented views and epoch e trains on view e mod K.",
-    )
+    at_least=1)
     feature_cache_dir: str | None = _f(
         None, "Folder of the frozen-feature cache; null: OUTPUT/feature_cache. Point runs at one folder to share it."
     )
@@ -239,12 +281,11 @@ class TrainingConfig:
     )
 
     def check(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.gradient_accumulation_steps < 1:
-            raise HfTransferError("training.epochs, training.batch_size and gradient_accumulation_steps must be >= 1.")
-        if isinstance(self.class_weights, str) and self.class_weights != "auto":
+        weights = self.class_weights
+        if isinstance(weights, str) and weights != "auto":
             raise HfTransferError("training.class_weights must be 'auto', a list of numbers, or null.")
-        if self.checkpoint_every_steps is not None and self.checkpoint_every_steps < 1:
-            raise HfTransferError("training.checkpoint_every_steps must be >= 1, or null for epoch ends only.")
+        if isinstance(weights, list) and not all(math.isfinite(w) and w > 0 for w in weights):
+            raise HfTransferError(f"training.class_weights must all be positive numbers; got {weights}.")
 
 
 @dataclass
@@ -252,7 +293,7 @@ class OutputConfig:
     dir: str | None = _f(None, "Output folder; default runs/<recipe name>.")
     overwrite: bool = _f(False, "Allow writing into a non-empty output folder.")
     save_total_limit: int = _f(
-        1, "Keep the newest N checkpoints in OUTPUT/checkpoints; an older one is deleted once a newer one is complete."
+        1, "Keep the newest N checkpoints in OUTPUT/checkpoints; an older one is deleted once a newer one is complete.", at_least=1
     )
     license: str | None = _f(
         None, "Licence id for the model card (e.g. apache-2.0, mit); it must allow what the source model's and "
@@ -266,8 +307,6 @@ class OutputConfig:
     hub_private: bool = _f(False, "Create the Hub repository as private (an existing one keeps its visibility).")
 
     def check(self) -> None:
-        if self.save_total_limit < 1:
-            raise HfTransferError("output.save_total_limit must be >= 1 (the newest checkpoint is what --resume needs).")
         if self.push_to_hub and not self.hub_repo_id:
             raise HfTransferError("output.push_to_hub needs output.hub_repo_id, e.g. --set output.hub_repo_id=user/name.")
         if self.hub_repo_id is not None:

@@ -6,6 +6,7 @@ loads with `transformers.pipeline` and peft's SEQ_CLS handling saves its head wi
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -25,6 +26,8 @@ from hf_transfer.sources.offline import (
     offline_text_model_dir,
 )
 
+
+logger = logging.getLogger(__name__)
 
 def _layer_stack(model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
     """The encoder's stack of transformer layers: the ModuleList as long as the config's layer count."""
@@ -137,3 +140,15 @@ def load_text_model(config: ModelConfig, label_names: list[str]) -> TextClassifi
         )
         new = sorted(set(info["missing_keys"]) | {k for k, *_ in info.get("mismatched_keys", [])})
     return TextClassifier(model, new, label_names)
+
+
+def usable_max_length(requested: int, model: TextClassifier, tokenizer: PreTrainedTokenizerBase) -> int:
+    """`requested` (data.max_length), or the longest input the model has positions for, if shorter.
+
+    Longer inputs would index past the position embeddings and fail in the middle of an epoch.
+    """
+    limits = [getattr(model.model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    usable = min((int(n) for n in limits if isinstance(n, int) and 0 < n < 100_000), default=requested)
+    if requested > usable:
+        logger.warning("data.max_length %d is more than the model takes: texts are cut at %d tokens", requested, usable)
+    return min(requested, usable)

@@ -12,11 +12,12 @@ from timm.models._hub import save_config_for_hf  # not re-exported by timm.model
 
 from hf_transfer.cache.head import FeatureSource
 from hf_transfer.cache.store import dataset_fingerprint
+from hf_transfer.data.augmented import training_image_loader
 from hf_transfer.data.images import image_loader, image_num_workers, image_transforms, load_image_splits, with_transform
 from hf_transfer.export.layout import CONFIG_FILE, HEAD_INFO_FILE, MERGED_DIR
 from hf_transfer.recipe import Recipe
 from hf_transfer.sources.vision import VisionClassifier, load_vision_model, model_data_config
-from hf_transfer.strategies import apply_strategy, merged_copy, strategy
+from hf_transfer.strategies import apply_strategy, get_strategy, merged_copy
 from hf_transfer.training.plan import Plan
 
 EVAL_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
@@ -53,7 +54,7 @@ def save_vision_model(trained: VisionClassifier, folder: Path, recipe: Recipe, d
     labels = {"label_names": list(trained.label_names)}
     eval_config = eval_data_config(data_config)
     model = trained.model
-    if strategy(recipe.strategy).saves_adapter:
+    if get_strategy(recipe.strategy).saves_adapter:
         model.save_pretrained(folder)  # adapter_config.json + adapter_model.safetensors
         save_config_for_hf(model.get_base_model(), folder / CONFIG_FILE, model_config=labels, data_config=eval_config)
         if recipe.strategy.merge_lora:
@@ -73,7 +74,6 @@ def build_image_task(recipe: Recipe) -> Plan:
     # preprocessing comes from the model (timm's data config): mean/std/size match its pretraining
     data_config = model_data_config(model.model, data.image_size)
     train_transform, eval_transform = image_transforms(data_config, data.augment)
-    train_set = with_transform(splits.train, train_transform, data.image_column)
     eval_set = with_transform(splits.validation, eval_transform, data.image_column)
     callbacks = apply_strategy(model, recipe.strategy)
 
@@ -85,7 +85,8 @@ def build_image_task(recipe: Recipe) -> Plan:
 
     return Plan(
         model=model,
-        train_loader=image_loader(train_set, training.batch_size, True, workers, seed),
+        # each example's augmentation depends on (seed, epoch, index) only, so a resumed run is exact
+        train_loader=training_image_loader(splits.train, train_transform, data.image_column, training.batch_size, workers, seed),
         eval_loader=image_loader(eval_set, training.eval_batch_size, False, workers, seed),
         label_names=splits.label_names,
         train_labels=list(splits.train["label"]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,8 @@ from hf_transfer.cache.store import dataset_fingerprint
 from hf_transfer.data.text import load_text_splits, text_loader, tokenize
 from hf_transfer.export.layout import MERGED_DIR
 from hf_transfer.recipe import Recipe
-from hf_transfer.sources.text import load_text_model, load_tokenizer
-from hf_transfer.strategies import apply_strategy, merged_copy, strategy
+from hf_transfer.sources.text import load_text_model, load_tokenizer, usable_max_length
+from hf_transfer.strategies import apply_strategy, get_strategy, merged_copy
 from hf_transfer.training.plan import Plan
 
 
@@ -32,13 +33,14 @@ def build_text_task(recipe: Recipe) -> Plan:
     splits = load_text_splits(recipe.data, seed)
     tokenizer = load_tokenizer(recipe.model)
     model = load_text_model(recipe.model, splits.label_names)
-    train_set = tokenize(splits.train, tokenizer, recipe.data)
-    eval_set = tokenize(splits.validation, tokenizer, recipe.data)
+    data = dataclasses.replace(recipe.data, max_length=usable_max_length(recipe.data.max_length, model, tokenizer))
+    train_set = tokenize(splits.train, tokenizer, data)
+    eval_set = tokenize(splits.validation, tokenizer, data)
     # tokenised text collates in microseconds: worker processes would only add start-up cost
     workers = training.num_workers if training.num_workers is not None else 0
     batching = dict(group_by_length=recipe.data.group_by_length, pad_to_multiple_of=recipe.data.pad_to_multiple_of)
     callbacks = apply_strategy(model, recipe.strategy)
-    merged = strategy(recipe.strategy).saves_adapter and recipe.strategy.merge_lora
+    merged = get_strategy(recipe.strategy).saves_adapter and recipe.strategy.merge_lora
 
     def feature_loader(split: str, _view: int | None):
         # length-sorted batches: the fastest pass, and order does not matter to the cache

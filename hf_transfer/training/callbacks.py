@@ -12,8 +12,8 @@ from typing import Any
 
 from hf_transfer.recipe import TrainingConfig
 from hf_transfer.training.checkpoint import Checkpointer
-from hf_transfer.training.loop import Loop
 from hf_transfer.training.plan import Callback, Plan
+from hf_transfer.training.state import Loop
 
 
 class KeepBestEpoch(Callback):

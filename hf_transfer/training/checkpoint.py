@@ -38,11 +38,15 @@ STATE_FILE = "trainer_state.json"
 SCHEDULER_FILE = "scheduler.pt"
 BEST_WEIGHTS_FILE = "best_weights.safetensors"
 
-# Recipe keys that change what a resumed run computes: resuming with other values would silently
-# mix two runs. Everything else (logging, workers, output options) may change between attempts.
-MUST_MATCH = ("model", "data", "strategy", "head", "task") + tuple(
-    f"training.{key}"
-    for key in ("epochs", "batch_size", "gradient_accumulation_steps", "seed", "optimizer", "scheduler")
+# Recipe keys that may change between a run and its resumption: they change how it logs, loads data
+# and writes, not what it computes. Every other key must match, or a resumed run would silently mix
+# two runs (a new learning rate in recipe.yaml and the card while the schedule keeps the old one).
+MAY_CHANGE = (
+    "name", "description", "output.",
+    *(f"training.{key}" for key in (
+        "logging_steps", "num_workers", "eval_batch_size", "save_checkpoints", "checkpoint_every_steps",
+        "feature_cache_dir",
+    )),
 )
 
 
@@ -106,10 +110,39 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def changed_recipe_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Keys in MUST_MATCH whose values differ between the checkpoint's recipe and this one."""
+    """Keys outside MAY_CHANGE whose values differ between the checkpoint's recipe and this one."""
     old, new = _flatten(saved), _flatten(current)
-    keys = sorted(k for k in set(old) | set(new) if k.startswith(MUST_MATCH) and old.get(k) != new.get(k))
+    keys = sorted(k for k in set(old) | set(new) if not k.startswith(MAY_CHANGE) and old.get(k) != new.get(k))
     return keys
+
+
+def read_checkpoint_record(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads((path / STATE_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise HfTransferError(
+            f"Cannot resume from {path}: {STATE_FILE} cannot be read ({type(error).__name__}); the checkpoint is "
+            "damaged. Resume from another checkpoint (--resume PATH) or start again."
+        ) from None
+    if not isinstance(record, dict) or not {"state", "recipe", "num_processes"} <= set(record):
+        raise HfTransferError(f"Cannot resume from {path}: {STATE_FILE} is not a checkpoint record.")
+    return record
+
+
+def check_resumable(path: Path, recipe: dict[str, Any], num_processes: int) -> None:
+    """Refuse, before anything is written, a resume that would not continue the same run."""
+    record = read_checkpoint_record(path)
+    changed = changed_recipe_keys(record["recipe"], recipe)
+    if changed:
+        raise HfTransferError(
+            f"Cannot resume from {path}: the recipe differs in {', '.join(changed)}. Resume with the recipe "
+            f"the run started with (saved as recipe.yaml in the output folder), or start a new run."
+        )
+    if record["num_processes"] != num_processes:
+        raise HfTransferError(
+            f"{path} was written by {record['num_processes']} process(es); resume it with the same number "
+            f"(accelerate launch --num_processes {record['num_processes']} ...), not {num_processes}."
+        )
 
 
 def parameters_are_finite(model: torch.nn.Module) -> bool:
@@ -170,9 +203,10 @@ class Checkpointer:
         self.resume_from = resume_from
         self.last_saved: Path | None = None
         if accelerator.is_main_process:
-            if resume_from is None:
-                shutil.rmtree(self.root, ignore_errors=True)  # a fresh run: old checkpoints are another run's
-            for leftover in self.root.glob(f"{TEMPORARY_PREFIX}*"):  # a save that was killed half way
+            if resume_from is None:  # a fresh run: old checkpoints are another run's (other files stay)
+                for old in list_checkpoints(self.root):
+                    shutil.rmtree(old, ignore_errors=True)
+            for leftover in self.root.glob(f"{TEMPORARY_PREFIX}{PREFIX}*"):  # a save that was killed half way
                 shutil.rmtree(leftover, ignore_errors=True)
         accelerator.wait_for_everyone()
 
@@ -204,6 +238,27 @@ class Checkpointer:
         accelerator = self.accelerator
         final = self.root / f"{PREFIX}{state.update}"
         temporary = self.root / f"{TEMPORARY_PREFIX}{final.name}"
+        try:
+            self._write(temporary, model, scheduler, state, best_weights)
+        except OSError as error:  # disk full, quota, read-only: no half checkpoint may stay behind
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise HfTransferError(
+                f"Writing the checkpoint of step {state.update} failed ({error.strerror or error}); the partial "
+                f"checkpoint was removed. {self.describe_last_good()} Free some space, then resume."
+            ) from None
+        if accelerator.is_main_process:
+            if final.exists():  # the same step saved again; cannot happen in the loop, but be safe
+                shutil.rmtree(final)
+            os.replace(temporary, final)
+            for old in list_checkpoints(self.root)[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        self.last_saved = final
+        return final
+
+    def _write(self, temporary: Path, model: torch.nn.Module, scheduler: Any, state: LoopState,
+               best_weights: dict[str, torch.Tensor] | None) -> None:
+        accelerator = self.accelerator
         if accelerator.is_main_process:
             shutil.rmtree(temporary, ignore_errors=True)
             temporary.mkdir(parents=True)
@@ -220,14 +275,6 @@ class Checkpointer:
                 "recipe": self.recipe,
             }
             (temporary / STATE_FILE).write_text(json.dumps(record, indent=1))
-            if final.exists():  # the same step saved again; cannot happen in the loop, but be safe
-                shutil.rmtree(final)
-            os.replace(temporary, final)
-            for old in list_checkpoints(self.root)[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        self.last_saved = final
-        return final
 
     def restore(self, scheduler: Any) -> tuple[LoopState, dict[str, torch.Tensor] | None]:
         """Load the checkpoint given at construction into the prepared objects; returns the loop state
@@ -235,19 +282,8 @@ class Checkpointer:
         path = self.resume_from
         if path is None:
             raise ValueError("restore() needs a checkpoint to resume from")
-        record = json.loads((path / STATE_FILE).read_text())
-        changed = changed_recipe_keys(record["recipe"], self.recipe)
-        if changed:
-            raise HfTransferError(
-                f"Cannot resume from {path}: the recipe differs in {', '.join(changed)}. Resume with the recipe "
-                f"the run started with (saved as recipe.yaml in the output folder), or start a new run."
-            )
-        if record["num_processes"] != self.accelerator.num_processes:
-            raise HfTransferError(
-                f"{path} was written by {record['num_processes']} process(es); resume it with the same number "
-                f"(accelerate launch --num_processes {record['num_processes']} ...), "
-                f"not {self.accelerator.num_processes}."
-            )
+        check_resumable(path, self.recipe, self.accelerator.num_processes)
+        record = read_checkpoint_record(path)
         try:  # Accelerate reads optimiser, scaler and RNG files with torch.load(weights_only=True)
             self.accelerator.load_state(str(path))
             scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, map_location="cpu", weights_only=True))

@@ -12,8 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,13 +22,13 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from hf_transfer.errors import HfTransferError
 from hf_transfer.recipe import TrainingConfig
-from hf_transfer.training.checkpoint import LoopState, resume_batches, set_loader_epoch
+from hf_transfer.training.checkpoint import resume_batches, set_loader_epoch
 from hf_transfer.training.cuda_graphs import GraphedStep, make_lr_tensors
 from hf_transfer.training.metrics import evaluate, scalar_metrics, split_batch
 from hf_transfer.training.optim import build_optimizer, build_scheduler, class_weights, set_train_mode
 from hf_transfer.training.plan import Callback, Plan
+from hf_transfer.training.state import Loop
 
 
 @dataclass
@@ -73,95 +72,6 @@ def cuda_graphs_blocker(
     return reason or next((c.cuda_graphs_blocker for c in callbacks if c.cuda_graphs_blocker), None)
 
 
-class LossTally:
-    """Batch losses summed on the device, read only at logging steps, checkpoints and epoch ends.
-
-    Reading the loss every step (`.item()`) would make the CPU wait for the GPU at every step, so
-    it could never queue the next one ahead. The first step whose loss was not finite is remembered
-    on the device too, so the error still names that step.
-    """
-
-    def __init__(self, device: torch.device):
-        self.total = torch.zeros((), dtype=torch.float64, device=device)
-        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
-        self.bad_value = torch.zeros((), device=device)
-
-    def add(self, loss: torch.Tensor, step: int) -> None:
-        newly_bad = ~torch.isfinite(loss) & (self.bad_step < 0)
-        self.bad_step = torch.where(newly_bad, step, self.bad_step)
-        self.bad_value = torch.where(newly_bad, loss.float(), self.bad_value)
-        self.total += loss
-
-    def take(self, accelerator: Accelerator) -> tuple[float, int | None, float]:
-        """(sum since the last take, first non-finite step on any process or None, its loss)."""
-        bad_steps = self.bad_step.reshape(1)
-        if accelerator.num_processes > 1:  # every process must stop together
-            bad_steps = accelerator.gather(bad_steps)
-        bad = [int(s) for s in bad_steps.tolist() if s >= 0]
-        total = float(self.total)
-        self.total.zero_()
-        return total, (min(bad) if bad else None), float(self.bad_value)
-
-
-def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of what training can change: trainable parameters and buffers (BN statistics)."""
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    buffers = {n for n, _ in model.named_buffers()}
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if k in trainable | buffers}
-
-
-class Loop:
-    """What callbacks see of a running loop: the prepared objects, the state, and three actions."""
-
-    def __init__(self, model, optimizer, scheduler, accelerator: Accelerator, config: TrainingConfig,
-                 callbacks: Sequence[Callback]):
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.accelerator, self.config, self.callbacks = accelerator, config, callbacks
-        self.state = LoopState()  # position, counters, best metric, history: what a checkpoint keeps
-        self.best_weights: dict[str, torch.Tensor] | None = None
-        self.stop = False  # set by a callback at an epoch's end to end training there
-        self.epoch = 0
-        self.losses = LossTally(accelerator.device)
-        self._clock = time.perf_counter()
-
-    def keep_epoch(self, metrics: dict[str, Any], score: float) -> None:
-        """Remember this epoch's weights as the ones the run ends with."""
-        state = self.state
-        state.best_score, self.best_weights, state.epochs_without_gain = score, _snapshot(self.accelerator.unwrap_model(self.model)), 0
-        state.best_metrics, state.best_epoch = metrics, self.epoch + 1
-
-    def fold_losses(self) -> None:
-        """Fold the device-side loss sum into the state; stop at a non-finite loss."""
-        total, bad_step, bad_value = self.losses.take(self.accelerator)
-        if bad_step is not None:
-            notes = " ".join(note for note in (c.failure_note() for c in self.callbacks) if note)
-            raise HfTransferError(
-                f"The loss became {bad_value} at optimiser step {bad_step} (epoch {self.epoch + 1}). "
-                + (notes + " " if notes else "")
-                + "Lower training.lr, keep max_grad_norm set, or use bf16 instead of fp16."
-            )
-        self.state.running_loss += total
-
-    def restart_clock(self) -> None:
-        self._clock = time.perf_counter()
-
-    def stop_clock(self) -> None:
-        self.state.train_seconds += time.perf_counter() - self._clock
-
-    @contextmanager
-    def untimed(self) -> Iterator[None]:
-        """Work inside an epoch that is not training (a checkpoint) and must not count as its time."""
-        self.stop_clock()
-        yield
-        self.restart_clock()
-
-    def mean_loss(self) -> float:
-        """The epoch's mean batch loss so far, averaged over processes (each saw different batches)."""
-        state, accelerator = self.state, self.accelerator
-        mean = torch.tensor(state.running_loss / max(state.loss_count, 1), dtype=torch.float64, device=accelerator.device)
-        return float(accelerator.reduce(mean, reduction="mean"))
-
-
 def train(
     plan: Plan, config: TrainingConfig, accelerator: Accelerator, run_dir: Path, callbacks: Sequence[Callback] = ()
 ) -> TrainResult:
@@ -188,7 +98,10 @@ def train(
     weights = weights.to(accelerator.device) if weights is not None else None
 
     log = JsonlLog(run_dir / "log.jsonl", accelerator.is_main_process)
-    loop = Loop(model, optimizer, scheduler, accelerator, config, callbacks)
+    def failure_note() -> str:
+        return " ".join(note for note in (c.failure_note() for c in callbacks) if note)
+
+    loop = Loop(model, optimizer, scheduler, accelerator, config, failure_note)
     for callback in callbacks:
         callback.on_train_begin(loop)  # a resumed run restores loop.state and loop.best_weights here
     state = loop.state
@@ -214,58 +127,57 @@ def train(
     if config.cuda_graphs and accelerator.device.type == "cuda":
         accelerator.print(f"CUDA graphs: {'on' if graphs_blocker is None else f'off ({graphs_blocker})'}")
     epoch_seconds = []
-    progress = tqdm(
+    # the bar closes (ends its line) however training ends, so an error prints on a line of its own
+    with tqdm(
         total=config.epochs * steps_per_epoch, initial=state.update, disable=not accelerator.is_local_main_process
-    )
+    ) as progress:
+        for epoch in range(state.epoch, config.epochs):
+            loop.epoch = epoch
+            for callback in callbacks:
+                callback.on_epoch_begin(loop, epoch)
+            set_train_mode(model)
+            # the batch order depends on (seed, epoch) only, so a resumed epoch repeats it and skips what was done
+            set_loader_epoch(train_loader, epoch)
+            batches = resume_batches(train_loader, state.batches_done) if state.batches_done else train_loader
+            loop.restart_clock()
+            epoch_started = time.perf_counter()
+            for batch in batches:
+                with accelerator.accumulate(model):
+                    loss = step(batch)
+                state.samples += len(batch["labels"]) * accelerator.num_processes
+                loop.losses.add(loss, state.update + 1)
+                state.loss_count += 1
+                state.batches_done += 1
+                if accelerator.sync_gradients:
+                    state.update += 1
+                    if step_each_update:
+                        scheduler.step()
+                    progress.update(1)
+                    if state.update % config.logging_steps == 0:
+                        loop.fold_losses()
+                        lr, loss_so_far = float(optimizer.param_groups[0]["lr"]), loop.mean_loss()
+                        log.write(step=state.update, epoch=epoch + 1, loss=loss_so_far, lr=lr)
+                        progress.set_postfix(loss=f"{loss_so_far:.4f}")
+                    end_of_epoch = accelerator.gradient_state.end_of_dataloader
+                    for callback in callbacks:
+                        callback.on_update(loop, end_of_epoch)
+            loop.fold_losses()  # also waits for the GPU to finish the epoch, so the time below is true
+            loop.stop_clock()
+            epoch_seconds.append(time.perf_counter() - epoch_started)
+            if not step_each_update:
+                scheduler.step()
 
-    for epoch in range(state.epoch, config.epochs):
-        loop.epoch = epoch
-        for callback in callbacks:
-            callback.on_epoch_begin(loop, epoch)
-        set_train_mode(model)
-        # the batch order depends on (seed, epoch) only, so a resumed epoch repeats it and skips what was done
-        set_loader_epoch(train_loader, epoch)
-        batches = resume_batches(train_loader, state.batches_done) if state.batches_done else train_loader
-        loop.restart_clock()
-        epoch_started = time.perf_counter()
-        for batch in batches:
-            with accelerator.accumulate(model):
-                loss = step(batch)
-            state.samples += len(batch["labels"]) * accelerator.num_processes
-            loop.losses.add(loss, state.update + 1)
-            state.loss_count += 1
-            state.batches_done += 1
-            if accelerator.sync_gradients:
-                state.update += 1
-                if step_each_update:
-                    scheduler.step()
-                progress.update(1)
-                if state.update % config.logging_steps == 0:
-                    loop.fold_losses()
-                    lr, loss_so_far = float(optimizer.param_groups[0]["lr"]), loop.mean_loss()
-                    log.write(step=state.update, epoch=epoch + 1, loss=loss_so_far, lr=lr)
-                    progress.set_postfix(loss=f"{loss_so_far:.4f}")
-                end_of_epoch = accelerator.gradient_state.end_of_dataloader
-                for callback in callbacks:
-                    callback.on_update(loop, end_of_epoch)
-        loop.fold_losses()  # also waits for the GPU to finish the epoch, so the time below is true
-        loop.stop_clock()
-        epoch_seconds.append(time.perf_counter() - epoch_started)
-        if not step_each_update:
-            scheduler.step()
-
-        metrics = evaluate(model, eval_loader, accelerator, plan.label_names)
-        record = {"epoch": epoch + 1, "train_loss": loop.mean_loss(), **scalar_metrics(metrics)}
-        state.history.append(record)
-        state.epoch, state.batches_done, state.running_loss, state.loss_count = epoch + 1, 0, 0.0, 0
-        log.write(**record)
-        if accelerator.is_main_process:  # through tqdm, so the line does not land inside the bar
-            progress.write(f"epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
-        for callback in callbacks:
-            callback.on_epoch_end(loop, metrics)
-        if loop.stop:
-            break
-    progress.close()
+            metrics = evaluate(model, eval_loader, accelerator, plan.label_names)
+            record = {"epoch": epoch + 1, "train_loss": loop.mean_loss(), **scalar_metrics(metrics)}
+            state.history.append(record)
+            state.epoch, state.batches_done, state.running_loss, state.loss_count = epoch + 1, 0, 0.0, 0
+            log.write(**record)
+            if accelerator.is_main_process:  # through tqdm, so the line does not land inside the bar
+                progress.write(f"epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
+            for callback in callbacks:
+                callback.on_epoch_end(loop, metrics)
+            if loop.stop:
+                break
 
     if loop.best_weights is not None:
         accelerator.unwrap_model(model).load_state_dict(loop.best_weights, strict=False)

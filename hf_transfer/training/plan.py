@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import DataLoader
 
-if TYPE_CHECKING:  # annotations only: the loop imports this module
+if TYPE_CHECKING:  # annotations only
     from hf_transfer.sources.base import TransferModel
-    from hf_transfer.training.loop import Loop
+    from hf_transfer.training.state import Loop
 
 
 class Callback:
