@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 
 from hf_transfer.errors import HfTransferError
@@ -125,6 +126,8 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=1, help="Print the k most likely labels per input.")
     parser.add_argument("--batch-size", type=int, default=32, help="Inputs per forward pass.")
     parser.add_argument("--text-column", help="Text model: the column of texts in table files (default: the recipe's).")
+    parser.add_argument("--format", choices=("tsv", "json"), default="tsv",
+                        help="tsv: input, label, probability per line; json: one JSON object per line.")
     add_trust_argument(parser)
 
 
@@ -136,7 +139,22 @@ def predict_command(args: argparse.Namespace) -> None:
     predictions = predict(args.model_dir, args.inputs, args.top_k, args.batch_size, args.text_column,
                           trust_remote_code=args.trust_remote_code)
     for prediction in predictions:
-        print(format_prediction(prediction), flush=True)
+        print(format_prediction(prediction, args.format), flush=True)
+
+
+def _add_recipes(subcommands: argparse._SubParsersAction) -> None:
+    subcommands.add_parser("recipes", help="List the recipes --recipe can name, with what each does.")
+
+
+def recipes_command(args: argparse.Namespace) -> None:
+    from hf_transfer.recipe import available_recipes, find_recipe
+    from hf_transfer.recipe.files import read_yaml
+
+    for name in available_recipes():
+        path = find_recipe(name)
+        values = read_yaml(path.read_text(), f"Recipe {path}") or {}
+        description = values.get("description", "") if isinstance(values, dict) else ""
+        print(f"{name}\t{description}")
 
 
 COMMANDS = {
@@ -144,16 +162,21 @@ COMMANDS = {
     "predict": predict_command,
     "evaluate": evaluate_command,
     "push": push_command,
+    "recipes": recipes_command,
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hf_transfer import __version__
+
     parser = argparse.ArgumentParser(prog="hf-transfer", description="Transfer learning on the Hugging Face stack.")
+    parser.add_argument("--version", action="version", version=f"hf-transfer {__version__}")
     subcommands = parser.add_subparsers(dest="command", required=True)
     _add_train(subcommands)
     _add_predict(subcommands)
     _add_evaluate(subcommands)
     _add_push(subcommands)
+    _add_recipes(subcommands)
     return parser
 
 
@@ -170,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     except HfTransferError as error:
         print(f"hf-transfer: error: {one_line(error)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `hf-transfer predict ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as error:
         if error.errno not in ENVIRONMENT_ERRORS:
             raise

@@ -79,3 +79,24 @@ def test_paths_in_a_recipe_file_are_relative_to_that_file(tmp_path: Path, monkey
     # a Hub dataset id is not a path and stays as written
     written.write_text("data:\n  path: stanfordnlp/sst2\n")
     assert load_recipe(str(written)).data.path == "stanfordnlp/sst2"
+
+
+def test_recipes_command_lists_every_recipe_file_and_version_prints(capsys) -> None:
+    from hf_transfer import __version__
+    from hf_transfer.cli import main
+
+    assert main(["recipes"]) == 0
+    listed = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out.strip() == f"hf-transfer {__version__}"
+
+
+def test_a_recipe_run_on_other_data_takes_its_name_and_description_from_that_data() -> None:
+    recipe = load_recipe("effnet_ants_bees", ["data.path=/data/flowers"])
+    assert recipe.name == "effnet_ants_bees-flowers" and recipe.output_dir == Path("runs/effnet_ants_bees-flowers")
+    assert recipe.description == "Recipe effnet_ants_bees on /data/flowers."
+    kept = load_recipe("effnet_ants_bees", ["data.path=/data/flowers", "name=flowers", "description=Flowers."])
+    assert (kept.name, kept.description) == ("flowers", "Flowers.")
+    assert load_recipe("effnet_ants_bees").name == "effnet_ants_bees"

@@ -351,3 +351,21 @@ def test_pushed_lora_adapter_loads_with_peft_as_its_card_says(tiny_bert_dir, dat
     exec(compile(snippet, "model card usage", "exec"), {})  # noqa: S102 - our own card's code
     assert capsys.readouterr().out.strip() in ("negative", "positive")
     assert "library_name: peft" in card and summary["trainable_parameters"] < summary["total_parameters"]
+
+
+def test_evaluate_split_validation_finds_a_dev_file_as_training_does(trained, tmp_path, capsys):
+    sst2_like = tmp_path / "sst2_like"
+    write_jsonl(sst2_like / "train.jsonl", keyword_sentences(20, seed=3))
+    write_jsonl(sst2_like / "dev.jsonl", keyword_sentences(30, seed=4))
+    assert main(["evaluate", str(trained), "--data", str(sst2_like), "--split", "validation", "--name", "dev"]) == 0
+    metrics = json.loads((trained / "evaluations" / "dev" / "metrics.json").read_text())
+    assert metrics["split"] == "dev" and metrics["eval"]["num_samples"] == 30
+
+
+def test_predict_prints_json_lines_on_request(trained, capsys):
+    capsys.readouterr()
+    assert main(["predict", str(trained), "a wonderful film", "a dreadful plot", "--format", "json", "--top-k", "2"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [row["input"] for row in rows] == ["a wonderful film", "a dreadful plot"]
+    assert all(sorted(row["labels"]) == ["negative", "positive"] and abs(sum(row["probabilities"]) - 1) < 1e-4
+               for row in rows)

@@ -177,3 +177,19 @@ def test_cli_reports_user_errors_in_one_line_without_traceback(tmp_path):
     assert result.stderr.strip() == (
         "hf-transfer: error: Recipe key 'training.lr' got 'abc', which is not float. Fix the value."
     )
+
+
+def test_a_saved_adapter_names_its_base_model_by_hub_id_not_by_a_local_path(tiny_bert_dir, tmp_path):
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from hf_transfer.tasks.text import save_text_model
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    adapted = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", target_modules=["query", "value"]))
+    save_text_model(adapted, AutoTokenizer.from_pretrained(tiny_bert_dir), tmp_path, merged=False,
+                    base_id="sentence-transformers/all-MiniLM-L6-v2")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"

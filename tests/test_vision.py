@@ -117,6 +117,24 @@ def test_saved_folder_reloads_in_stock_timm_with_identical_logits(trained_linear
         assert torch.equal(model(pixel_values=random_batch()), reloaded(random_batch()))
 
 
+def test_saved_folder_loads_in_transformers_pipeline_with_the_labels_and_top1_of_predict(
+    trained_linear, colours: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from transformers import AutoModelForImageClassification, pipeline
+
+    from hf_transfer.cli import main
+
+    _, _, output = trained_linear
+    classifier = pipeline("image-classification", model=str(output))
+    assert AutoModelForImageClassification.from_pretrained(output).config.id2label == {0: "blue", 1: "red"}
+    images = sorted(str(p) for p in (colours / "val").rglob("*.png"))[:6]
+    assert main(["predict", str(output), *images]) == 0
+    ours = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
+    theirs = [classifier(image, top_k=1)[0] for image in images]
+    assert [row[1] for row in ours] == [t["label"] for t in theirs]
+    assert all(abs(float(row[2]) - t["score"]) < 1e-4 for row, t in zip(ours, theirs))
+
+
 def test_predict_cli_prints_labels(trained_linear, colours: Path, capsys: pytest.CaptureFixture) -> None:
     from hf_transfer.cli import main
 
@@ -424,3 +442,22 @@ def test_hymenoptera_gif_placeholder_is_converted_not_fatal() -> None:
     assert splits.label_names == ["ants", "bees"]
     assert (len(splits.train), len(splits.validation)) == (245, 153)
     assert check.skipped == [] and check.converted == {"P": 1}  # train/ants/imageNotFound.gif
+
+
+def test_an_imagefolder_with_metadata_csv_trains(colours: Path, tmp_path: Path) -> None:
+    import csv
+    import shutil
+
+    root = tmp_path / "flat"
+    for split in ("train", "val"):
+        (root / split).mkdir(parents=True)
+        with (root / split / "metadata.csv").open("w", newline="") as table:
+            writer = csv.writer(table)
+            writer.writerow(["file_name", "colour"])
+            for image in sorted((colours / split).rglob("*.png")):
+                shutil.copy(image, root / split / image.name)  # flat: the class is in the table, not a folder
+                writer.writerow([image.name, image.parent.name])
+    summary = run_training(recipe_from_dict(image_recipe(root, tmp_path / "out", data={"label_column": "colour"},
+                                                         training={"epochs": 3})))
+    assert list(summary["eval"]["per_class"]) == ["blue", "red"] and summary["eval"]["num_samples"] == 20
+    assert summary["eval"]["accuracy"] > 0.8

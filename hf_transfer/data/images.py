@@ -159,8 +159,18 @@ def check_image_folder(root: Path) -> list[str]:
     return train_classes
 
 
+METADATA_FILES = ("metadata.csv", "metadata.jsonl")  # datasets' imagefolder convention: labels in a table
+
+
+def _has_metadata(path: Path) -> bool:
+    return any((folder / name).is_file() for folder in (path, *_subfolders(path)) for name in METADATA_FILES)
+
+
 def _is_image_folder(path: Path) -> bool:
-    return path.is_dir() and not any(p.is_file() and p.suffix in FILE_BUILDERS for p in path.iterdir())
+    if not path.is_dir():
+        return False
+    tables = [p for p in path.iterdir() if p.is_file() and p.suffix in FILE_BUILDERS and p.name not in METADATA_FILES]
+    return not tables
 
 
 def load_raw_images(config: DataConfig) -> tuple[DatasetDict, Path | None]:
@@ -169,7 +179,8 @@ def load_raw_images(config: DataConfig) -> tuple[DatasetDict, Path | None]:
         raise HfTransferError("The recipe has no data.path: set an image folder, a CSV of image paths, or a Hub id.")
     path = Path(config.path)
     if _is_image_folder(path):
-        check_image_folder(path)
+        if not _has_metadata(path):  # labels from class folders; with metadata.csv, from its columns
+            check_image_folder(path)
         return load_dataset("imagefolder", data_dir=str(path)), path
     base_dir = path if path.is_dir() else path.parent if path.is_file() else None
     return load_raw(config), base_dir

@@ -35,8 +35,9 @@ class EvaluationResult:
 def pick_split(raw: DatasetDict, wanted: str | None) -> tuple[str, Dataset]:
     """The split to score: the one asked for; else test, else validation, else the only one."""
     if wanted is not None:
-        if wanted in VALIDATION_ALIASES and wanted not in raw and "validation" in raw:
-            wanted = "validation"  # datasets names a val/ or dev file's split "validation"
+        if wanted in VALIDATION_ALIASES and wanted not in raw:
+            # validation, valid, val and dev name one split, as in training (datasets names a val/ folder "validation")
+            wanted = next((alias for alias in VALIDATION_ALIASES if alias in raw), wanted)
         if wanted not in raw:
             raise HfTransferError(f"--split {wanted}: the data has splits {list(raw)}.")
         return wanted, raw[wanted]

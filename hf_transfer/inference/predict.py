@@ -7,6 +7,7 @@ tokenizer with the run's max_length, or the eval transform of its timm data conf
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -127,7 +128,11 @@ def predict(
     yield from predict_kind(saved, inputs, k, batch_size, text_column)
 
 
-def format_prediction(prediction: Prediction) -> str:
-    """`input<TAB>label<TAB>probability`, one label/probability pair per top-k rank."""
+def format_prediction(prediction: Prediction, style: str = "tsv") -> str:
+    """tsv: `input<TAB>label<TAB>probability`, one label/probability pair per top-k rank;
+    json: {"input", "labels", "probabilities"} on one line (JSON Lines)."""
+    if style == "json":
+        return json.dumps({"input": prediction.path, "labels": prediction.labels,
+                           "probabilities": [round(p, 6) for p in prediction.probabilities]})
     pairs = (f"{label}\t{p:.4f}" for label, p in zip(prediction.labels, prediction.probabilities))
     return "\t".join([prediction.path, *pairs])

@@ -6,6 +6,7 @@ which in the source tree is a link to the project's top-level recipes/ folder).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -127,4 +128,21 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
     adaptation = values.get("adaptation")
     if isinstance(adaptation, dict) and isinstance(adaptation.get("target_path"), str):
         adaptation["target_path"] = _resolve_relative_path(adaptation["target_path"], path.parent)
-    return recipe_from_dict(merge_values(values, parse_overrides(overrides or [])))
+    changes = parse_overrides(overrides or [])
+    return recipe_from_dict(merge_values(values, {**renamed_for_other_data(path.stem, values, changes), **changes}))
+
+
+def renamed_for_other_data(stem: str, values: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """A recipe run on other data (data.path set on the command line) must not keep the name and
+    description of the data it was written for: the output folder, model card and model-index would
+    say "ants vs bees" for flowers. Derived here unless the command line names them itself."""
+    data_path = changes.get("data", {}).get("path") if isinstance(changes.get("data"), dict) else None
+    if not isinstance(data_path, str) or data_path == (values.get("data") or {}).get("path"):
+        return {}
+    data_name = re.sub(r"[^\w.-]+", "_", Path(data_path.rstrip("/")).name or "data").strip("._") or "data"
+    derived: dict[str, Any] = {}
+    if "name" not in changes:
+        derived["name"] = f"{stem}-{data_name}"
+    if "description" not in changes:
+        derived["description"] = f"Recipe {stem} on {data_path}."
+    return derived

@@ -43,6 +43,14 @@ def _write_head_info(folder: Path, recipe: Recipe, classifier: str) -> None:
     (folder / HEAD_INFO_FILE).write_text(json.dumps(head_info(recipe, classifier), indent=2) + "\n")
 
 
+def loadable_by_transformers(config_file: Path) -> None:
+    """timm (1.0.2x) repeats `num_classes` inside config.json's `model_args`; transformers' TimmWrapper
+    passes both and fails. timm reads the top-level `num_classes`, so the repeated one goes."""
+    config = json.loads(config_file.read_text())
+    if isinstance(config.get("model_args"), dict) and config["model_args"].pop("num_classes", None) is not None:
+        config_file.write_text(json.dumps(config, indent=2) + "\n")
+
+
 def save_vision_model(trained: VisionClassifier, folder: Path, recipe: Recipe, data_config: dict[str, Any]) -> None:
     """timm's Hub layout (config.json with label names + model.safetensors), plus hf_transfer.json.
 
@@ -60,9 +68,11 @@ def save_vision_model(trained: VisionClassifier, folder: Path, recipe: Recipe, d
         if recipe.strategy.merge_lora:
             merged = folder / MERGED_DIR
             save_for_hf(merged_copy(model), merged, model_config=labels, safe_serialization=True, data_config=eval_config)
+            loadable_by_transformers(merged / CONFIG_FILE)
             _write_head_info(merged, recipe, trained.head_modules[0])
     else:
         save_for_hf(model, folder, model_config=labels, safe_serialization=True, data_config=eval_config)
+    loadable_by_transformers(folder / CONFIG_FILE)
     _write_head_info(folder, recipe, trained.head_modules[0])
 
 

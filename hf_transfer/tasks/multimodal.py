@@ -23,13 +23,13 @@ from hf_transfer.data.images import image_num_workers, image_transforms, load_im
 from hf_transfer.data.sampling import PadToMultipleCollator
 from hf_transfer.data.splits import check_columns
 from hf_transfer.errors import HfTransferError
-from hf_transfer.export.layout import FUSION_WEIGHTS_FILE, MULTIMODAL_FILE
+from hf_transfer.export.layout import CONFIG_FILE, FUSION_WEIGHTS_FILE, MULTIMODAL_FILE
 from hf_transfer.recipe import DataConfig, ModelConfig, MultimodalConfig, Recipe, StrategyConfig
 from hf_transfer.sources.base import TransferModel
 from hf_transfer.sources.two_tower import TOKEN_KEYS, TwoTowerClassifier, build_fusion, load_towers
 from hf_transfer.sources.vision import model_data_config
 from hf_transfer.strategies import apply_strategy, merged_copy
-from hf_transfer.tasks.image import eval_data_config
+from hf_transfer.tasks.image import eval_data_config, loadable_by_transformers
 from hf_transfer.training.plan import Callback, Plan
 
 
@@ -137,6 +137,7 @@ def save_two_tower(model: TwoTowerClassifier, folder: Path, recipe: Recipe, data
 
     eval_config = eval_data_config(data_config)
     save_for_hf(merged_copy(model.model["image"].model), folder / "image_tower", safe_serialization=True, data_config=eval_config)
+    loadable_by_transformers(folder / "image_tower" / CONFIG_FILE)
     merged_copy(model.model["text"].model).save_pretrained(folder / "text_tower")
     tokenizer.save_pretrained(folder / "text_tower")
     fusion_state = {k: v.detach().cpu().contiguous() for k, v in model.model["fusion"].state_dict().items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,18 +12,28 @@ from torch import nn
 from hf_transfer.cache.head import FeatureSource
 from hf_transfer.cache.store import dataset_fingerprint
 from hf_transfer.data.text import load_text_splits, text_loader, tokenize
-from hf_transfer.export.layout import MERGED_DIR
+from hf_transfer.export.card import base_model_id
+from hf_transfer.export.layout import ADAPTER_CONFIG_FILE, MERGED_DIR
 from hf_transfer.recipe import Recipe
 from hf_transfer.sources.text import load_text_model, load_tokenizer, usable_max_length
 from hf_transfer.strategies import apply_strategy, get_strategy, merged_copy
 from hf_transfer.training.plan import Plan
 
 
-def save_text_model(model: nn.Module, tokenizer: Any, folder: Path, merged: bool) -> None:
+def save_text_model(model: nn.Module, tokenizer: Any, folder: Path, merged: bool, base_id: str | None = None) -> None:
     """`save_pretrained` folders: the model (a peft model writes only its adapter and head) and its
-    tokenizer; with `merged`, also the model with LoRA folded in, under merged/."""
+    tokenizer; with `merged`, also the model with LoRA folded in, under merged/.
+
+    peft records the folder the base model was read from (for a packaged offline copy, a path inside
+    site-packages), so an adapter names `base_id`, the source's Hub id, instead: pushed, it loads anywhere.
+    """
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    adapter_config = folder / ADAPTER_CONFIG_FILE
+    if base_id and adapter_config.is_file():
+        values = json.loads(adapter_config.read_text())
+        values["base_model_name_or_path"] = base_id
+        adapter_config.write_text(json.dumps(values, indent=2) + "\n")
     if merged:
         merged_copy(model).save_pretrained(folder / MERGED_DIR)
         tokenizer.save_pretrained(folder / MERGED_DIR)
@@ -53,7 +64,7 @@ def build_text_task(recipe: Recipe) -> Plan:
         eval_loader=text_loader(eval_set, tokenizer, training.eval_batch_size, False, workers, seed, **batching),
         label_names=splits.label_names,
         train_labels=list(splits.train["label"]),
-        save=lambda folder: save_text_model(model.model, tokenizer, folder, merged),
+        save=lambda folder: save_text_model(model.model, tokenizer, folder, merged, base_model_id(recipe)),
         callbacks=callbacks,
         # token ids are the whole preprocessing, and the fingerprints hash them
         feature_source=FeatureSource(
