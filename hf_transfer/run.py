@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
 from hf_transfer.adaptation.plan import adaptation_plan
 from hf_transfer.cache.head import cached_plan
@@ -30,12 +30,16 @@ from hf_transfer.training.callbacks import recipe_callbacks
 from hf_transfer.training.checkpoint import Checkpointer, check_resumable, find_resume_checkpoint
 from hf_transfer.training.loop import TrainResult, train
 from hf_transfer.training.plan import Plan
+from hf_transfer.training.trackers import checked_trackers, flat_scalars
 
 
 def make_accelerator(recipe: Recipe) -> Accelerator:
+    output_dir = recipe.output_dir
     return Accelerator(
         mixed_precision=recipe.training.mixed_precision,
         gradient_accumulation_steps=recipe.training.gradient_accumulation_steps,
+        log_with=checked_trackers(recipe.training),
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         # non_blocking: with pinned batches, copies to the GPU overlap the previous step instead of
         # waiting for it; seedable sampler: each epoch's order depends on (seed, epoch) only, so a
         # resumed epoch draws the same batches (see training/checkpoint.py)
@@ -143,6 +147,8 @@ def run_training(recipe: Recipe, resume: str | None = None) -> dict[str, Any]:
     prefer_channels_last(task, accelerator)
     plan = training_plan(recipe, task, accelerator)
     start_output_folder(recipe, accelerator, resume_from)
+    if recipe.training.report_to:
+        accelerator.init_trackers(recipe.name, config=flat_scalars(recipe.to_dict()))
     checkpoints = None
     if recipe.training.save_checkpoints or resume_from is not None:
         checkpoints = Checkpointer(

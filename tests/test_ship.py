@@ -369,3 +369,19 @@ def test_predict_prints_json_lines_on_request(trained, capsys):
     assert [row["input"] for row in rows] == ["a wonderful film", "a dreadful plot"]
     assert all(sorted(row["labels"]) == ["negative", "positive"] and abs(sum(row["probabilities"]) - 1) < 1e-4
                for row in rows)
+
+
+def test_tensorboard_event_files_hold_the_logged_loss(tiny_bert_dir, data_dir, tmp_path):
+    pytest.importorskip("tensorboard", reason="reading event files back needs tensorboard (the dev extra)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tracked"
+    summary = run_training(recipe_from_dict(recipe_values(tiny_bert_dir, data_dir, out,
+                                                          training={"epochs": 1, "report_to": ["tensorboard"]})))
+    (run_dir,) = (out / "logs").iterdir()
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [(r["step"], r["loss"]) for r in logged if "step" in r]
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(s, pytest.approx(v)) for s, v in steps]
+    assert events.Scalars("eval/accuracy")[-1].value == pytest.approx(summary["history"][-1]["accuracy"])

@@ -246,6 +246,10 @@ class TrainingConfig:
     class_weights: str | list[float] | None = _f(None, "Loss weight per class: a list, 'auto' (inverse frequency), or null.")
     label_smoothing: float = _f(0.0, "Label smoothing of the cross-entropy loss.", at_least=0, below=1)
     logging_steps: int = _f(10, "Log loss and learning rate every this many optimiser steps.", at_least=1)
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "all"]] | None = _f(
+        None, "Experiment trackers that receive what log.jsonl gets (Accelerate's trackers; local ones write under "
+        "OUTPUT/logs), e.g. [tensorboard]; all: every tracker installed. null: log.jsonl only."
+    )
     save_checkpoints: bool = _f(
         True,
         "Write a resumable checkpoint (weights, optimiser, scheduler, RNG, data position, best metric) into "

@@ -14,6 +14,7 @@ from hf_transfer.recipe import TrainingConfig
 from hf_transfer.training.checkpoint import Checkpointer
 from hf_transfer.training.plan import Callback, Plan
 from hf_transfer.training.state import Loop
+from hf_transfer.training.trackers import TrackerLogging
 
 
 class KeepBestEpoch(Callback):
@@ -83,8 +84,11 @@ class Checkpointing(Callback):
 
 
 def recipe_callbacks(config: TrainingConfig, plan: Plan, checkpoints: Checkpointer | None = None) -> list[Callback]:
-    """The epoch rule the plan asks for, early stopping if the recipe sets it, checkpoints if kept."""
+    """The epoch rule the plan asks for, early stopping if the recipe sets it, checkpoints if kept,
+    trackers if the recipe names them."""
     callbacks: list[Callback] = [EPOCH_RULES[plan.epoch_rule](config.metric_for_best)]
+    if config.report_to:
+        callbacks.append(TrackerLogging())
     if config.early_stopping_patience:
         callbacks.append(EarlyStopping(config.early_stopping_patience))
     if checkpoints is not None:

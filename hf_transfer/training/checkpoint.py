@@ -45,7 +45,7 @@ MAY_CHANGE = (
     "name", "description", "output.",
     *(f"training.{key}" for key in (
         "logging_steps", "num_workers", "eval_batch_size", "save_checkpoints", "checkpoint_every_steps",
-        "feature_cache_dir",
+        "feature_cache_dir", "report_to",
     )),
 )
 

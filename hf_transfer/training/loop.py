@@ -156,7 +156,10 @@ def train(
                     if state.update % config.logging_steps == 0:
                         loop.fold_losses()
                         lr, loss_so_far = float(optimizer.param_groups[0]["lr"]), loop.mean_loss()
-                        log.write(step=state.update, epoch=epoch + 1, loss=loss_so_far, lr=lr)
+                        logged = {"step": state.update, "epoch": epoch + 1, "loss": loss_so_far, "lr": lr}
+                        log.write(**logged)
+                        for callback in callbacks:
+                            callback.on_log(loop, logged)
                         progress.set_postfix(loss=f"{loss_so_far:.4f}")
                     end_of_epoch = accelerator.gradient_state.end_of_dataloader
                     for callback in callbacks:
@@ -172,6 +175,8 @@ def train(
             state.history.append(record)
             state.epoch, state.batches_done, state.running_loss, state.loss_count = epoch + 1, 0, 0.0, 0
             log.write(**record)
+            for callback in callbacks:
+                callback.on_log(loop, record)
             if accelerator.is_main_process:  # through tqdm, so the line does not land inside the bar
                 progress.write(f"epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
             for callback in callbacks:
