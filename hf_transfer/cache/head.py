@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from hf_transfer.cache.store import FeatureKey, FeatureStore, extract_features, weights_digest
+from hf_transfer.console import say
 from hf_transfer.errors import HfTransferError
 from hf_transfer.recipe import Recipe, StrategyConfig
 from hf_transfer.sources.base import TransferModel
@@ -190,7 +191,9 @@ class _Extraction:
         with torch.random.fork_rng(devices=[]):
             random.seed(seed)
             torch.manual_seed(seed)
-            features, labels = extract_features(self.model, make_loader(), self.accelerator.device, self.accelerator.autocast)
+            features, labels = extract_features(
+                self.model, make_loader(), self.accelerator.device, self.accelerator.autocast, desc=f"features ({name})"
+            )
         random.setstate(python_state)
         self.store.save(key, features, labels)
         self.misses.append(name)
@@ -231,7 +234,7 @@ def head_only_plan(recipe: Recipe, plan: Plan, accelerator: Accelerator) -> Plan
             "; training augmentation off (training.cache_views=1)" if training.cache_views == 1
             else f"; {len(train_views)} augmented views"
         )
-    accelerator.print(
+    say(accelerator, 
         f"frozen-feature cache: the head trains on cached features (hits: {extraction.hits or 'none'}; "
         f"computed: {extraction.misses or 'none'}){augmentation}"
     )
@@ -264,6 +267,6 @@ def cached_plan(recipe: Recipe, plan: Plan, accelerator: Accelerator) -> Plan | 
         if setting is True:
             raise HfTransferError(f"training.cache_features is true, but {reason}. Set it to auto or false.")
         if recipe.strategy.name == "freeze_backbone":
-            accelerator.print(f"frozen-feature cache not used: {reason}")
+            say(accelerator, f"frozen-feature cache not used: {reason}")
         return None
     return head_only_plan(recipe, plan, accelerator)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from hf_transfer.console import bar
 from hf_transfer.sources.base import TransferModel
 
 logger = logging.getLogger(__name__)
@@ -203,7 +204,7 @@ class ExampleFeatures:
 @torch.no_grad()
 def extract_features(
     model: nn.Module, loader: DataLoader, device: torch.device, autocast: Callable,
-    known: ExampleFeatures | None = None,
+    known: ExampleFeatures | None = None, desc: str = "features",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`model.features` of every batch of `loader` (eval mode, float32, CPU) and its labels.
 
@@ -212,7 +213,7 @@ def extract_features(
     """
     model.eval()
     features, labels = [], []
-    for batch in loader:
+    for batch in bar(loader, desc=desc, total=len(loader), unit="batch"):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         digests = example_digests(inputs) if known is not None else []
         batch_features = known.lookup(digests) if known is not None else None

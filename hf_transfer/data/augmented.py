@@ -19,9 +19,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from datasets import Dataset
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from torch.utils.data import Dataset as TorchDataset
-from torch.utils.data import Sampler
 
 from hf_transfer.data.images import decoded_image
 

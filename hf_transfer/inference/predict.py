@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from hf_transfer.console import bar
 from hf_transfer.errors import HfTransferError
 from hf_transfer.export.layout import TEXT
 from hf_transfer.inference.loader import SavedModel, load_saved_run
@@ -47,9 +48,7 @@ def read_texts(inputs: list[str], text_column: str) -> list[str]:
             except UnicodeDecodeError as error:
                 raise HfTransferError(f"{path} is not UTF-8 text (byte {error.start}); save it as UTF-8.") from None
         elif path.suffix in TABLE_SUFFIXES and path.is_file():
-            from hf_transfer.data.splits import check_columns
-
-            from hf_transfer.data.splits import read_table
+            from hf_transfer.data.splits import check_columns, read_table
 
             table = read_table(path)
             check_columns(table, [text_column], path.name)
@@ -90,7 +89,7 @@ def _top_k(saved: SavedModel, shown: list[str], batch: dict[str, torch.Tensor], 
 def _predict_texts(saved: SavedModel, inputs: list[str], k: int, batch_size: int, text_column: str | None):
     texts = read_texts(inputs, text_column or saved.recipe.data.text_column)
     max_length = saved.recipe.data.max_length
-    for start in range(0, len(texts), batch_size):
+    for start in bar(range(0, len(texts), batch_size), desc="predicting", unit="batch"):
         chunk = texts[start:start + batch_size]
         encoded = saved.tokenizer(chunk, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
         # one line per text on output: tabs and newlines inside it would break the columns
@@ -101,7 +100,7 @@ def _predict_images(saved: SavedModel, inputs: list[str], k: int, batch_size: in
     from hf_transfer.data.images import load_rgb
 
     images, decoded = find_images(inputs), 0
-    for start in range(0, len(images), batch_size):
+    for start in bar(range(0, len(images), batch_size), desc="predicting", unit="batch"):
         paths, pixels = [], []
         for path in images[start:start + batch_size]:
             try:

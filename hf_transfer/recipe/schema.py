@@ -343,6 +343,22 @@ class Recipe:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def changes(self) -> dict[str, Any]:
+        """The values that differ from the defaults, nested as in a recipe file."""
+
+        def differences(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+            changed = {}
+            for key, value in values.items():
+                if isinstance(value, dict) and isinstance(defaults.get(key), dict):
+                    nested = differences(value, defaults[key])
+                    if nested:
+                        changed[key] = nested
+                elif value != defaults.get(key):
+                    changed[key] = value
+            return changed
+
+        return differences(self.to_dict(), Recipe().to_dict())
+
     @property
     def output_dir(self) -> Path:
         return Path(self.output.dir) if self.output.dir else Path("runs") / self.name

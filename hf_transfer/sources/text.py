@@ -24,8 +24,8 @@ from hf_transfer.sources.offline import (
     hub_is_offline,
     offline_model_names,
     offline_text_model_dir,
+    packaged_source,
 )
-
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,9 @@ def load_text_model(config: ModelConfig, label_names: list[str]) -> TextClassifi
             **labels,
         )
         new = sorted(set(info["missing_keys"]) | {k for k, *_ in info.get("mismatched_keys", [])})
-    return TextClassifier(model, new, label_names)
+    classifier = TextClassifier(model, new, label_names)
+    classifier.weights_package = packaged_source(getattr(model, "name_or_path", None)) if config.pretrained else None
+    return classifier
 
 
 def usable_max_length(requested: int, model: TextClassifier, tokenizer: PreTrainedTokenizerBase) -> int:

@@ -53,6 +53,7 @@ class VisionClassifier(TransferModel):
         self.head_prefixes = [f"model.{name}." for name in self.head_modules]
         self.block_prefixes = timm_blocks(model, self.head_prefixes)
         self.lora_targets = lora_targets(model, self.head_modules)
+        self.weights_package = getattr(model, "pretrained_cfg", {}).get("weights_package")
 
     def forward(self, pixel_values: torch.Tensor, **_unused: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values)
@@ -170,6 +171,10 @@ def _create_from_packaged(name: str, **kwargs: Any) -> nn.Module:
         OFFLINE_ARCHITECTURE, pretrained=True, pretrained_cfg_overlay={"state_dict": state_dict}, **kwargs
     )
     model.pretrained_cfg.pop("state_dict", None)  # a second copy of the weights, not config
+    # timm's entry describes its own Hub checkpoint; these weights came from elsewhere
+    model.pretrained_cfg.pop("license", None)
+    model.pretrained_cfg.pop("hf_hub_id", None)
+    model.pretrained_cfg["weights_package"] = OFFLINE_VISION_MODELS[name]
     return model
 
 

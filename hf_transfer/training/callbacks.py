@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from hf_transfer.console import say
 from hf_transfer.recipe import TrainingConfig
 from hf_transfer.training.checkpoint import Checkpointer
 from hf_transfer.training.plan import Callback, Plan
@@ -52,7 +53,7 @@ class EarlyStopping(Callback):
 
     def on_epoch_end(self, loop: Loop, metrics: dict[str, Any]) -> None:
         if loop.state.epochs_without_gain >= self.patience:
-            loop.accelerator.print(
+            say(loop.accelerator, 
                 f"early stopping: no better {loop.config.metric_for_best} for {loop.state.epochs_without_gain} epochs"
             )
             loop.state.stopped_early = True

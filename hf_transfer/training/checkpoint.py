@@ -29,6 +29,7 @@ import torch
 from accelerate import Accelerator, skip_first_batches
 from safetensors.torch import load_file, save_file
 
+from hf_transfer.console import say
 from hf_transfer.errors import HfTransferError
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -301,7 +302,7 @@ class Checkpointer:
         self.accelerator.wait_for_everyone()
         self.last_saved = path
         state = LoopState(**record["state"])
-        self.accelerator.print(
+        say(self.accelerator, 
             f"resumed from {path}: epoch {state.epoch + 1}, {state.batches_done} batches into it, step {state.update}"
         )
         return state, best_weights

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 
+from hf_transfer.console import bar, is_quiet, say
 from hf_transfer.recipe import TrainingConfig
 from hf_transfer.training.checkpoint import resume_batches, set_loader_epoch
 from hf_transfer.training.cuda_graphs import GraphedStep, make_lr_tensors
@@ -125,12 +125,10 @@ def train(
 
     step = GraphedStep(train_step, optimizer) if graphs_blocker is None else train_step
     if config.cuda_graphs and accelerator.device.type == "cuda":
-        accelerator.print(f"CUDA graphs: {'on' if graphs_blocker is None else f'off ({graphs_blocker})'}")
+        say(accelerator, f"CUDA graphs: {'on' if graphs_blocker is None else f'off ({graphs_blocker})'}")
     epoch_seconds = []
     # the bar closes (ends its line) however training ends, so an error prints on a line of its own
-    with tqdm(
-        total=config.epochs * steps_per_epoch, initial=state.update, disable=not accelerator.is_local_main_process
-    ) as progress:
+    with bar(desc="training", total=config.epochs * steps_per_epoch, initial=state.update, unit="step") as progress:
         for epoch in range(state.epoch, config.epochs):
             loop.epoch = epoch
             for callback in callbacks:
@@ -177,7 +175,7 @@ def train(
             log.write(**record)
             for callback in callbacks:
                 callback.on_log(loop, record)
-            if accelerator.is_main_process:  # through tqdm, so the line does not land inside the bar
+            if accelerator.is_main_process and not is_quiet():  # through tqdm: not inside the bar
                 progress.write(f"epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
             for callback in callbacks:
                 callback.on_epoch_end(loop, metrics)

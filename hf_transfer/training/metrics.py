@@ -20,6 +20,8 @@ from sklearn.metrics import (
 )
 from torch.utils.data import DataLoader
 
+from hf_transfer.console import bar
+
 
 def classification_metrics(predictions: np.ndarray, labels: np.ndarray, label_names: list[str]) -> dict[str, Any]:
     """Scores of predicted class ids against true class ids; JSON-serialisable."""
@@ -53,11 +55,13 @@ def split_batch(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
 
 
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels of the whole loader, gathered from every process exactly once."""
+def predict_logits(
+    model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator, desc: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels of the whole loader, gathered from every process exactly once; with `desc`, a progress bar."""
     model.eval()
     all_logits, all_labels = [], []
-    for batch in loader:
+    for batch in (bar(loader, desc=desc, total=len(loader), unit="batch") if desc else loader):
         inputs, labels = split_batch(batch)
         logits = model(**inputs)
         logits, labels = accelerator.gather_for_metrics((logits.float(), labels))
