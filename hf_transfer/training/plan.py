@@ -50,9 +50,6 @@ class Callback:
     def on_log(self, loop: Loop, record: dict[str, Any]) -> None:
         """After each line of log.jsonl: a step's loss and learning rate, or an epoch's metrics."""
 
-    def on_log(self, loop: Loop, record: dict[str, Any]) -> None:
-        """After each line of log.jsonl: a step's loss and learning rate, or an epoch's metrics."""
-
     def on_epoch_end(self, loop: Loop, metrics: dict[str, Any]) -> None:
         """After each epoch's evaluation; set `loop.stop` to end training."""
 
