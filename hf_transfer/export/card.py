@@ -88,7 +88,7 @@ def _usage(recipe: Recipe, reference: str, folder: Path, label_names: list[str])
         base = base_model_id(recipe) or recipe.model.name
         return (
             "from peft import PeftModel\n"
-            "from transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
+            "from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline\n\n"
             f"labels = {label_names!r}\n"
             "base = AutoModelForSequenceClassification.from_pretrained(\n"
             f'    "{base}", num_labels=len(labels), id2label=dict(enumerate(labels)),\n'
@@ -96,7 +96,10 @@ def _usage(recipe: Recipe, reference: str, folder: Path, label_names: list[str])
             f'model = PeftModel.from_pretrained(base, "{reference}").eval()  # the adapter and the trained head\n'
             f'tokenizer = AutoTokenizer.from_pretrained("{reference}")\n'
             'logits = model(**tokenizer(["I really enjoyed this."], return_tensors="pt")).logits\n'
-            "print(labels[int(logits.argmax(-1))])"
+            "print(labels[int(logits.argmax(-1))])\n\n"
+            "# the load report's 'classifier MISSING' is expected: the adapter holds the trained classifier.\n"
+            "# As a transformers pipeline, label names included (the adapter folded into the weights):\n"
+            'classifier = pipeline("text-classification", model=model.merge_and_unload(), tokenizer=tokenizer)'
         )
     head_info = folder / HEAD_INFO_FILE
     custom = lora or (head_info.is_file() and json.loads(head_info.read_text()).get("head", {}).get("type") != "linear")

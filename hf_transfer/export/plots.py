@@ -50,7 +50,11 @@ def plot_training_curves(history: list[dict[str, Any]], path: Path, best_epoch: 
 def plot_confusion_matrix(
     matrix: list[list[int]], labels: list[str], path: Path, title: str = "Confusion matrix"
 ) -> Path:
-    """Counts of true (rows) against predicted (columns) classes, shaded by each row's share."""
+    """Counts of true (rows) against predicted (columns) classes, shaded by each row's share.
+
+    Not scikit-learn's `ConfusionMatrixDisplay`: it colours by the numbers it prints, so it shows either
+    counts or shares; here the counts are written and the shading is the recall, so small classes show.
+    """
     count = len(labels)
     size = min(3.0 + 0.45 * count, 16.0)
     figure = Figure(figsize=(size + 1.2, size))

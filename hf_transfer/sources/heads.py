@@ -12,7 +12,11 @@ from hf_transfer.recipe import HeadConfig
 
 
 class MLPHead(nn.Sequential):
-    """dropout -> linear -> GELU -> dropout -> linear."""
+    """dropout -> linear -> GELU -> dropout -> linear.
+
+    Not timm's `Mlp` (linear -> act -> dropout -> norm -> linear -> dropout): its order differs (no dropout
+    on the input features) and its parameter names too, which would break heads already saved.
+    """
 
     def __init__(self, in_features: int, num_classes: int, hidden_dim: int, dropout: float):
         super().__init__(

@@ -182,6 +182,10 @@ def resume_batches(loader: Any, batches_done: int) -> Iterator[Any]:
 class Checkpointer:
     """Writes checkpoints of one run and restores the one it resumes from.
 
+    Not Accelerate's `ProjectConfiguration(automatic_checkpoint_naming=True, total_limit=N)`: that writes
+    straight into checkpoint_N, so a run killed mid-save leaves a folder that looks complete; here a
+    checkpoint is renamed into place only once whole, and pruned only after.
+
     Every process calls `save` and `restore` (each has its own RNG state); only the main process
     writes the shared files, renames and prunes.
     """

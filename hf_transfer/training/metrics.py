@@ -24,7 +24,12 @@ from hf_transfer.console import bar
 
 
 def classification_metrics(predictions: np.ndarray, labels: np.ndarray, label_names: list[str]) -> dict[str, Any]:
-    """Scores of predicted class ids against true class ids; JSON-serialisable."""
+    """Scores of predicted class ids against true class ids; JSON-serialisable.
+
+    `precision_recall_fscore_support` gives what `classification_report(output_dict=True)` does, per
+    class and by id (a class absent from these labels still gets its row), without the report's
+    string-keyed averages to strip off again.
+    """
     ids = list(range(len(label_names)))
     precision, recall, f1, support = precision_recall_fscore_support(
         labels, predictions, labels=ids, average=None, zero_division=0

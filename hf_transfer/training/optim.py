@@ -20,6 +20,9 @@ def parameter_groups(model: TransferModel, config: TrainingConfig, include_froze
 
     `include_frozen` adds parameters frozen now but unfrozen later (gradual unfreezing); the
     optimiser skips them while they have no gradient.
+
+    Not timm's `param_groups_weight_decay`: it splits decay from no-decay only, while transfer needs the
+    head and the backbone at their own learning rates too (training.head_lr / backbone_lr), for any model.
     """
     groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
@@ -88,6 +91,8 @@ def set_train_mode(model: nn.Module) -> None:
 
     `train()` would switch them back to batch statistics and keep updating their running means,
     so a "frozen" backbone would drift; this is the classic feature-extraction trap.
+    Not timm's `freeze_batch_norm_2d`: it swaps the layers for FrozenBatchNorm2d for good, which gradual
+    unfreezing could not undo, and it serves 2-D BatchNorm in timm models only.
     """
     model.train()
     for module in model.modules():
