@@ -31,6 +31,7 @@ from hf_transfer.tasks import task_builder
 from hf_transfer.training.callbacks import recipe_callbacks
 from hf_transfer.training.checkpoint import Checkpointer, check_resumable, find_resume_checkpoint
 from hf_transfer.training.loop import TrainResult, train
+from hf_transfer.training.metrics import extra_metric_modules
 from hf_transfer.training.plan import Plan
 from hf_transfer.training.trackers import checked_trackers, flat_scalars
 
@@ -54,6 +55,7 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
 def check_before_writing(recipe: Recipe, accelerator: Accelerator, resume_from: Path | None) -> None:
     """Everything that can refuse the run, checked before anything is written or computed."""
     output_dir = recipe.output_dir
+    extra_metric_modules(tuple(recipe.training.extra_metrics))  # loaded (or refused) now, kept for the loop
     if resume_from is not None:
         check_resumable(resume_from, recipe.to_dict(), accelerator.num_processes)
     resuming_here = resume_from is not None and output_dir.resolve() in resume_from.resolve().parents

@@ -101,3 +101,35 @@ def test_setup_and_test_commands_match_ci():
     assert setup_lines[1:] == ["accelerate launch scripts/train.py --recipe minilm_sentiment"], setup_lines
     test_lines = code_lines(section("Test"))
     assert test_lines == [test_command], f"README.md's test command is {test_lines}; .ci/run runs {test_command!r}"
+
+
+def example_commands() -> list[list[str]]:
+    """Every concrete `hf-transfer` command in the README's bash blocks (synopsis lines with [OPTIONS] left out)."""
+    import shlex
+
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```", README, re.MULTILINE | re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words[:1] == ["hf-transfer"] and not any(w.startswith("[") or w.isupper() for w in words):
+                commands.append(words[1:])
+    return commands
+
+
+def test_readme_examples_parse_and_name_real_recipes_and_keys(capsys):
+    from hf_transfer.cli import main
+    from hf_transfer.recipe import load_recipe
+
+    commands = example_commands()
+    assert len(commands) >= 8
+    for words in commands:
+        args = build_parser().parse_args(words)  # a wrong option would exit here
+        if args.command == "train":
+            overrides = list(args.overrides) + ([f"output.dir={args.output_dir}"] if args.output_dir else [])
+            load_recipe(args.recipe, overrides)  # the recipe exists and every --set key and value is valid
+        if args.command == "evaluate":
+            from hf_transfer.recipe import parse_overrides, recipe_from_dict
+
+            recipe_from_dict(parse_overrides(list(args.overrides)))
+        if args.command == "recipes":
+            assert main(words) == 0 and "minilm_sentiment" in capsys.readouterr().out

@@ -444,3 +444,36 @@ def test_a_lora_cards_pipeline_after_merge_returns_the_label_names(tiny_bert_dir
     namespace: dict = {}
     exec(compile(snippet, "model card usage", "exec"), namespace)  # noqa: S102 - our own card's code
     assert namespace["classifier"]("a wonderful film")[0]["label"] in ("negative", "positive")
+
+
+MCC_METRIC = '''
+import datasets
+import evaluate
+from sklearn.metrics import matthews_corrcoef
+
+
+class Mcc(evaluate.Metric):
+    def _info(self):
+        features = datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")})
+        return evaluate.MetricInfo(description="", citation="", inputs_description="", features=features)
+
+    def _compute(self, predictions, references):
+        return {"matthews_correlation": float(matthews_corrcoef(references, predictions))}
+'''
+
+
+def test_extra_metrics_come_from_evaluate_and_a_hub_name_offline_is_refused_before_writing(
+    tiny_bert_dir, data_dir, tmp_path
+):
+    metric = tmp_path / "mcc"
+    metric.mkdir()
+    (metric / "mcc.py").write_text(MCC_METRIC)
+    out = tmp_path / "scored"
+    summary = run_training(recipe_from_dict(recipe_values(tiny_bert_dir, data_dir, out,
+                                                          training={"epochs": 2, "extra_metrics": [str(metric)]})))
+    assert all(-1 <= record["matthews_correlation"] <= 1 for record in summary["history"])
+    assert "matthews_correlation" in summary["eval"]
+    offline = recipe_values(tiny_bert_dir, data_dir, tmp_path / "never", training={"extra_metrics": ["matthews_correlation"]})
+    with pytest.raises(HfTransferError, match="loads from the Hub, out of reach here"):
+        run_training(recipe_from_dict(offline))
+    assert not (tmp_path / "never").exists()

@@ -239,6 +239,10 @@ class TrainingConfig:
     max_grad_norm: float | None = _f(1.0, "Clip the gradient norm to this; null disables clipping.", above=0)
     mixed_precision: Literal["no", "fp16", "bf16"] | None = _f(None, "Precision; null takes the accelerate config's.")
     seed: int = _f(42, "Seed of every random choice (sampling, initialisation, shuffling, dropout).")
+    extra_metrics: list[str] = _f(
+        [], "More validation metrics from the `evaluate` library, by name (e.g. matthews_correlation, loaded from "
+        "the Hub) or a local metric folder, computed every epoch and in `evaluate` beside accuracy and macro F1."
+    )
     metric_for_best: Literal["accuracy", "f1_macro"] = _f(
         "accuracy", "Validation metric that picks the best epoch (higher is better)."
     )

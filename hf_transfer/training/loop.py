@@ -168,7 +168,7 @@ def train(
             if not step_each_update:
                 scheduler.step()
 
-            metrics = evaluate(model, eval_loader, accelerator, plan.label_names)
+            metrics = evaluate(model, eval_loader, accelerator, plan.label_names, config.extra_metrics)
             record = {"epoch": epoch + 1, "train_loss": loop.mean_loss(), **scalar_metrics(metrics)}
             state.history.append(record)
             state.epoch, state.batches_done, state.running_loss, state.loss_count = epoch + 1, 0, 0.0, 0

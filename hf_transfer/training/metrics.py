@@ -7,6 +7,8 @@ without network; it computes these with scikit-learn, so we call scikit-learn di
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,7 @@ from sklearn.metrics import (
 from torch.utils.data import DataLoader
 
 from hf_transfer.console import bar
+from hf_transfer.errors import HfTransferError
 
 
 def classification_metrics(predictions: np.ndarray, labels: np.ndarray, label_names: list[str]) -> dict[str, Any]:
@@ -54,6 +57,44 @@ def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+@functools.cache
+def extra_metric_modules(names: tuple[str, ...]) -> tuple[Any, ...]:
+    """training.extra_metrics loaded once per process through `evaluate` (a run checks them before it writes).
+
+    accuracy and macro F1 stay scikit-learn's: `evaluate.load` fetches even those from the Hub.
+    """
+    if not names:
+        return ()
+    import evaluate
+
+    from hf_transfer.sources.offline import hub_is_offline
+
+    modules = []
+    for name in names:
+        if not Path(name).exists() and hub_is_offline():
+            raise HfTransferError(
+                f"training.extra_metrics names '{name}', which `evaluate` loads from the Hub, out of reach here; "
+                "give the path of a local metric folder, or remove it."
+            )
+        try:
+            modules.append(evaluate.load(name))
+        except Exception as error:  # evaluate raises FileNotFoundError, ConnectionError, ImportError, ...
+            raise HfTransferError(
+                f"training.extra_metrics: `evaluate` cannot load '{name}' ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''})."
+            ) from None
+    return tuple(modules)
+
+
+def with_extra_metrics(metrics: dict[str, Any], predictions: np.ndarray, labels: np.ndarray,
+                       names: list[str]) -> dict[str, Any]:
+    """`metrics` plus the numbers each extra metric returns (e.g. matthews_correlation)."""
+    for module in extra_metric_modules(tuple(names)):
+        result = module.compute(predictions=predictions.tolist(), references=labels.tolist())
+        metrics.update({k: float(v) for k, v in result.items() if isinstance(v, (int, float))})
+    return metrics
+
+
 def split_batch(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     return inputs, batch["labels"]
@@ -75,6 +116,9 @@ def predict_logits(
     return torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy()
 
 
-def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator, label_names: list[str]) -> dict:
+def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator, label_names: list[str],
+             extra_metrics: list[str] | None = None) -> dict:
     logits, labels = predict_logits(model, loader, accelerator)
-    return classification_metrics(logits.argmax(-1), labels, label_names)
+    predictions = logits.argmax(-1)
+    return with_extra_metrics(classification_metrics(predictions, labels, label_names), predictions, labels,
+                              extra_metrics or [])
