@@ -145,7 +145,7 @@ def run_training(recipe: Recipe, resume: str | None = None) -> dict[str, Any]:
 
     task = build_task(recipe)  # source model, data, and the strategy applied
     trainable, total = parameters = count_parameters(task.model)  # before training: gradual unfreezing adds more
-    say(accelerator, 
+    say(accelerator,
         f"strategy {recipe.strategy.name}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / total:.2f}%); seed {recipe.training.seed}; device {accelerator.device}; "
         f"precision {accelerator.mixed_precision}; processes {accelerator.num_processes}"
@@ -171,7 +171,7 @@ def run_training(recipe: Recipe, resume: str | None = None) -> dict[str, Any]:
         with staged(output_dir) as staging:
             plan.save(staging)
         write_json(output_dir / METRICS_FILE, summary)
-        say(accelerator, 
+        say(accelerator,
             f"best epoch {result.best_epoch}: accuracy {result.best_metrics['accuracy']:.4f}, "
             f"macro F1 {result.best_metrics['f1_macro']:.4f}; saved to {output_dir}"
         )

@@ -153,7 +153,7 @@ def adaptation_plan(recipe: Recipe, source: Plan, accelerator: Accelerator) -> P
     features = domain_features(recipe, source, target, accelerator)
     del target  # its copy of the model and its loaders are no longer needed
     plan = build_adaptation_plan(features, source.label_names, recipe, accelerator.device)
-    say(accelerator, 
+    say(accelerator,
         f"domain adaptation {recipe.adaptation.method}: {len(features.source_train[1])} source and "
         f"{len(features.target[1])} target examples, {recipe.adaptation.features} features of width "
         f"{features.source_train[0].shape[1]}"

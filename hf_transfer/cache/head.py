@@ -234,7 +234,7 @@ def head_only_plan(recipe: Recipe, plan: Plan, accelerator: Accelerator) -> Plan
             "; training augmentation off (training.cache_views=1)" if training.cache_views == 1
             else f"; {len(train_views)} augmented views"
         )
-    say(accelerator, 
+    say(accelerator,
         f"frozen-feature cache: the head trains on cached features (hits: {extraction.hits or 'none'}; "
         f"computed: {extraction.misses or 'none'}){augmentation}"
     )

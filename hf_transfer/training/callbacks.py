@@ -53,7 +53,7 @@ class EarlyStopping(Callback):
 
     def on_epoch_end(self, loop: Loop, metrics: dict[str, Any]) -> None:
         if loop.state.epochs_without_gain >= self.patience:
-            say(loop.accelerator, 
+            say(loop.accelerator,
                 f"early stopping: no better {loop.config.metric_for_best} for {loop.state.epochs_without_gain} epochs"
             )
             loop.state.stopped_early = True

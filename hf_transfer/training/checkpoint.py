@@ -306,7 +306,7 @@ class Checkpointer:
         self.accelerator.wait_for_everyone()
         self.last_saved = path
         state = LoopState(**record["state"])
-        say(self.accelerator, 
+        say(self.accelerator,
             f"resumed from {path}: epoch {state.epoch + 1}, {state.batches_done} batches into it, step {state.update}"
         )
         return state, best_weights
