@@ -98,6 +98,7 @@ def train(
     weights = weights.to(accelerator.device) if weights is not None else None
 
     log = JsonlLog(run_dir / "log.jsonl", accelerator.is_main_process)
+
     def failure_note() -> str:
         return " ".join(note for note in (c.failure_note() for c in callbacks) if note)
 
