@@ -23,7 +23,7 @@ from hf_transfer.export.folder import staged, write_json
 from hf_transfer.export.layout import EVALUATIONS_DIR, IMAGE, TEXT
 from hf_transfer.inference.loader import SavedModel, load_saved_run, run_recipe
 from hf_transfer.recipe import Recipe, merge_values, parse_overrides, recipe_from_dict
-from hf_transfer.training.metrics import classification_metrics, predict_logits, with_extra_metrics
+from hf_transfer.training.metrics import evaluate
 
 
 @dataclass
@@ -128,10 +128,7 @@ def evaluate_saved_model(
 
     accelerator = Accelerator()
     model, loader = accelerator.prepare(model, loader)
-    logits, labels = predict_logits(model, loader, accelerator, desc="evaluating")
-    predictions = logits.argmax(-1)
-    metrics = with_extra_metrics(classification_metrics(predictions, labels, names), predictions, labels,
-                                 recipe.training.extra_metrics)
+    metrics = evaluate(model, loader, accelerator, names, recipe.training.extra_metrics, desc="evaluating")
     if accelerator.is_main_process:
         destination.mkdir(parents=True, exist_ok=True)
         with staged(destination) as staging:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ from hf_transfer.cache.head import FeatureSource
 from hf_transfer.cache.store import dataset_fingerprint
 from hf_transfer.data.text import load_text_splits, text_loader, tokenize
 from hf_transfer.export.card import base_model_id
-from hf_transfer.export.layout import ADAPTER_CONFIG_FILE, MERGED_DIR
+from hf_transfer.export.layout import MERGED_DIR
 from hf_transfer.recipe import Recipe
 from hf_transfer.sources.text import load_text_model, load_tokenizer, usable_max_length
 from hf_transfer.strategies import apply_strategy, get_strategy, merged_copy
@@ -27,13 +26,10 @@ def save_text_model(model: nn.Module, tokenizer: Any, folder: Path, merged: bool
     peft records the folder the base model was read from (for a packaged offline copy, a path inside
     site-packages), so an adapter names `base_id`, the source's Hub id, instead: pushed, it loads anywhere.
     """
+    for adapter in getattr(model, "peft_config", {}).values() if base_id else ():
+        adapter.base_model_name_or_path = base_id  # what peft writes into adapter_config.json
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    adapter_config = folder / ADAPTER_CONFIG_FILE
-    if base_id and adapter_config.is_file():
-        values = json.loads(adapter_config.read_text())
-        values["base_model_name_or_path"] = base_id
-        adapter_config.write_text(json.dumps(values, indent=2) + "\n")
     if merged:
         merged_copy(model).save_pretrained(folder / MERGED_DIR)
         tokenizer.save_pretrained(folder / MERGED_DIR)

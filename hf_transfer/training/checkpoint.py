@@ -130,8 +130,8 @@ def read_checkpoint_record(path: Path) -> dict[str, Any]:
     return record
 
 
-def check_resumable(path: Path, recipe: dict[str, Any], num_processes: int) -> None:
-    """Refuse, before anything is written, a resume that would not continue the same run."""
+def check_resumable(path: Path, recipe: dict[str, Any], num_processes: int) -> dict[str, Any]:
+    """Refuse, before anything is written, a resume that would not continue the same run; returns its record."""
     record = read_checkpoint_record(path)
     changed = changed_recipe_keys(record["recipe"], recipe)
     if changed:
@@ -144,6 +144,7 @@ def check_resumable(path: Path, recipe: dict[str, Any], num_processes: int) -> N
             f"{path} was written by {record['num_processes']} process(es); resume it with the same number "
             f"(accelerate launch --num_processes {record['num_processes']} ...), not {num_processes}."
         )
+    return record
 
 
 def parameters_are_finite(model: torch.nn.Module) -> bool:
@@ -287,8 +288,7 @@ class Checkpointer:
         path = self.resume_from
         if path is None:
             raise ValueError("restore() needs a checkpoint to resume from")
-        check_resumable(path, self.recipe, self.accelerator.num_processes)
-        record = read_checkpoint_record(path)
+        record = check_resumable(path, self.recipe, self.accelerator.num_processes)
         try:  # Accelerate reads optimiser, scaler and RNG files with torch.load(weights_only=True)
             self.accelerator.load_state(str(path))
             scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, map_location="cpu", weights_only=True))

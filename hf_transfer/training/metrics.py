@@ -117,8 +117,9 @@ def predict_logits(
 
 
 def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator, label_names: list[str],
-             extra_metrics: list[str] | None = None) -> dict:
-    logits, labels = predict_logits(model, loader, accelerator)
+             extra_metrics: list[str] | None = None, desc: str | None = None) -> dict:
+    """Every metric of the loader's predictions: accuracy, macro F1, per class, and any extra metric."""
+    logits, labels = predict_logits(model, loader, accelerator, desc)
     predictions = logits.argmax(-1)
     return with_extra_metrics(classification_metrics(predictions, labels, label_names), predictions, labels,
                               extra_metrics or [])
