@@ -16,7 +16,7 @@ from accelerate import Accelerator
 
 from hf_transfer.adaptation.losses import TransferComponentAnalysis
 from hf_transfer.cache.head import feature_cache_dir
-from hf_transfer.cache.store import ExampleFeatures, FeatureKey, FeatureStore, extract_features, weights_digest
+from hf_transfer.cache.store import ExampleFeatures, FeatureKey, FeatureStore, extract_features, model_key_fields
 from hf_transfer.errors import HfTransferError
 from hf_transfer.recipe import AdaptationConfig, Recipe
 from hf_transfer.sources.pooling import PooledFeatures
@@ -67,11 +67,9 @@ def domain_features(recipe: Recipe, source: Plan, target: Plan, accelerator: Acc
             raise HfTransferError(f"The {recipe.task} task cannot provide frozen features for the {role} yet.")
     encoder = PooledFeatures(source.model, recipe.adaptation.features).to(accelerator.device)
     # one entry per backbone, preprocessing, pooling and precision, in the run's feature cache folder
-    key = FeatureKey(
-        model_name=recipe.model.name, model_class=type(source.model.model).__name__, weights=weights_digest(source.model),
-        preprocessing=f"{source.feature_source.preprocessing}; {recipe.adaptation.features} pooling",
-        data="per example", precision=accelerator.mixed_precision,
-    )
+    preprocessing = f"{source.feature_source.preprocessing}; {recipe.adaptation.features} pooling"
+    key = FeatureKey(data="per example",
+                     **model_key_fields(recipe.model.name, source.model, preprocessing, accelerator.mixed_precision))
     known = ExampleFeatures(FeatureStore(feature_cache_dir(recipe)), key)
 
     def features_of(task: Plan, split: str) -> Split:

@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from hf_transfer.cache.store import FeatureKey, FeatureStore, extract_features, weights_digest
+from hf_transfer.cache.store import FeatureKey, FeatureStore, extract_features, model_key_fields
 from hf_transfer.console import say
 from hf_transfer.errors import HfTransferError
 from hf_transfer.recipe import Recipe, StrategyConfig
@@ -207,10 +207,7 @@ def head_only_plan(recipe: Recipe, plan: Plan, accelerator: Accelerator) -> Plan
     device = accelerator.device
     model.to(device)
     extraction = _Extraction(model, FeatureStore(feature_cache_dir(recipe)), accelerator)
-    common = dict(
-        model_name=recipe.model.name, model_class=type(model.model).__name__, weights=weights_digest(model),
-        preprocessing=source.preprocessing, precision=accelerator.mixed_precision,
-    )
+    common = model_key_fields(recipe.model.name, model, source.preprocessing, accelerator.mixed_precision)
     key = FeatureKey(data=source.fingerprint("validation"), **common)
     features, labels = extraction.features(key, lambda: source.loader("validation", None), training.seed, "validation")
     eval_set = CachedFeatures([features.to(device)], labels.to(device))

@@ -106,6 +106,12 @@ class FeatureKey:
         return hashlib.blake2b(self.json().encode(), digest_size=16).hexdigest()
 
 
+def model_key_fields(model_name: str, model: TransferModel, preprocessing: str, precision: str) -> dict[str, str]:
+    """The FeatureKey fields that come from the model and how its inputs are made (all but the data and view)."""
+    return dict(model_name=model_name, model_class=type(model.model).__name__, weights=weights_digest(model),
+                preprocessing=preprocessing, precision=precision)
+
+
 class FeatureStore:
     """Feature files in a folder, one per key: `<digest>.safetensors` with the key in its metadata."""
 
