@@ -242,7 +242,7 @@ def head_only_plan(recipe: Recipe, plan: Plan, accelerator: Accelerator) -> Plan
         train_loader=cached_loader(train_set, training.batch_size, shuffle=True, seed=training.seed),
         eval_loader=cached_loader(eval_set, training.batch_size, shuffle=False, seed=training.seed),
         callbacks=[*plan.callbacks, CachedView(train_set)],
-        summary=lambda _accelerator: report,
+        summary=lambda accelerator: plan.summary(accelerator) | report,
         feature_source=None,
     )
 

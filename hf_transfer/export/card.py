@@ -65,7 +65,15 @@ def base_model_id(recipe: Recipe) -> str | None:
     return name if name and "/" in name else None
 
 
-def _head_text(recipe: Recipe, classes: int) -> str:
+def _mean_pooled(summary: dict[str, Any]) -> bool:
+    """A text run whose head reads mean-pooled token states: its folder is a sentence-transformers model."""
+    return summary.get("text_pooling") == "mean"
+
+
+def _head_text(recipe: Recipe, classes: int, summary: dict[str, Any]) -> str:
+    if recipe.task == "text" and _mean_pooled(summary):
+        return (f"a linear layer on the mean of the encoder's last hidden states (the features a sentence "
+                f"encoder is trained to give), newly initialised for {classes} classes")
     if recipe.task == "text":
         return f"the model's own sequence-classification head, newly initialised for {classes} classes"
     head = recipe.head
@@ -75,8 +83,17 @@ def _head_text(recipe: Recipe, classes: int) -> str:
     return f"{head.type} head ({shape}) on the pooled features, {classes} classes"
 
 
-def _usage(recipe: Recipe, reference: str, folder: Path, label_names: list[str]) -> str:
+def _usage(recipe: Recipe, reference: str, folder: Path, label_names: list[str], mean_pooled: bool) -> str:
     lora = get_strategy(recipe.strategy).saves_adapter
+    if recipe.task == "text" and mean_pooled:
+        # the head is the last Dense layer: `encode` returns the logits (LoRA, if any, is folded in)
+        return (
+            "from sentence_transformers import SentenceTransformer\n\n"
+            f"labels = {label_names!r}\n"
+            f'model = SentenceTransformer("{reference}")\n'
+            'logits = model.encode(["I really enjoyed this."], convert_to_tensor=True)\n'
+            "print(labels[int(logits[0].argmax())])"
+        )
     if recipe.task == "text" and not lora:
         return (
             "from transformers import pipeline\n\n"
@@ -163,7 +180,10 @@ def card_data(recipe: Recipe, summary: dict[str, Any], repo_id: str | None):
             ("f1", "Macro F1", "f1_macro", "macro"),
         )
     ]
-    library = "peft" if get_strategy(recipe.strategy).saves_adapter else ("transformers" if recipe.task == "text" else "timm")
+    if recipe.task == "text" and _mean_pooled(summary):
+        library = "sentence-transformers"
+    else:
+        library = "peft" if get_strategy(recipe.strategy).saves_adapter else ("transformers" if recipe.task == "text" else "timm")
     return ModelCardData(
         model_name=repo_id.split("/")[-1] if repo_id else recipe.name,
         # packaged weights are not the Hub checkpoint the name points to: no claim, no inherited licence
@@ -198,7 +218,7 @@ def card_values(recipe: Recipe, summary: dict[str, Any], folder: Path, repo_id: 
            "package does not state; check it before you publish)" if summary.get("source_weights_package") else ""),
         "strategy": get_strategy(recipe.strategy).describe(recipe.strategy),
         "trainable": f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)",
-        "head": _head_text(recipe, len(labels)),
+        "head": _head_text(recipe, len(labels), summary),
         "training": (
             f"{t.epochs} epochs, batch {t.batch_size} x {processes} process(es) x {t.gradient_accumulation_steps} "
             f"accumulation, {t.optimizer} lr {t.lr:g}, {t.scheduler} schedule (warmup {t.warmup_ratio:g}), "
@@ -226,7 +246,7 @@ def card_values(recipe: Recipe, summary: dict[str, Any], folder: Path, repo_id: 
                     for r in summary["history"]],
         "confusion_matrix_png": CONFUSION_MATRIX_PNG,
         "training_curves_png": TRAINING_CURVES_PNG,
-        "usage": _usage(recipe, repo_id or str(folder), folder, labels),
+        "usage": _usage(recipe, repo_id or str(folder), folder, labels, _mean_pooled(summary)),
         "seed": summary.get("seed", t.seed),
         "num_processes": processes,
         "precision": summary.get("mixed_precision", t.mixed_precision or "no"),

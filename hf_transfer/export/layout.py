@@ -23,6 +23,12 @@ FUSION_WEIGHTS_FILE = "fusion.safetensors"
 ADAPTATION_FILE = "adaptation.json"
 ADAPTATION_HEAD_FILE = "adaptation_head.safetensors"
 TCA_FILE = "tca.safetensors"
+# a mean-pooled text run: a sentence-transformers folder (encoder at the top, then pooling, then the
+# linear head as a Dense layer), in the format every sentence-transformers release since 2 reads
+SENTENCE_MODULES_FILE = "modules.json"
+SENTENCE_CONFIG_FILE = "sentence_bert_config.json"
+POOLING_DIR = "1_Pooling"
+DENSE_DIR = "2_Dense"
 MERGED_DIR = "merged"  # LoRA runs with strategy.merge_lora: the merged full model
 EVALUATIONS_DIR = "evaluations"
 

@@ -24,10 +24,13 @@ from hf_transfer.export.layout import (
     ADAPTED,
     ADAPTER_CONFIG_FILE,
     CONFIG_FILE,
+    DENSE_DIR,
     HEAD_INFO_FILE,
     IMAGE,
     METRICS_FILE,
+    POOLING_DIR,
     RECIPE_FILE,
+    SENTENCE_MODULES_FILE,
     TEXT,
     TWO_TOWER,
     folder_kind,
@@ -116,6 +119,25 @@ def _refuse_remote_code(folder: Path) -> None:
         )
 
 
+def load_mean_pooled(folder: Path, trust_remote_code: bool = False) -> nn.Module:
+    """A mean-pooled run's sentence-transformers folder rebuilt as the classifier it trained:
+    the encoder, the mean of its token states, the Dense layer as the linear head."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    from hf_transfer.sources.text import MeanPooledClassifier
+
+    pooling = _read_json(folder / POOLING_DIR / CONFIG_FILE)
+    if pooling.get("pooling_mode_mean_tokens") is not True and pooling.get("pooling_mode") != "mean":
+        raise HfTransferError(f"{folder} is a sentence-transformers folder without mean pooling; hf-transfer did not write it.")
+    dense = _read_json(folder / DENSE_DIR / CONFIG_FILE)
+    encoder = AutoModel.from_pretrained(folder, use_safetensors=True, trust_remote_code=trust_remote_code)
+    model = MeanPooledClassifier(encoder, int(dense["out_features"]), dropout=0.0)
+    weights = load_file(str(folder / DENSE_DIR / "model.safetensors"))
+    model.classifier.load_state_dict({name.removeprefix("linear."): tensor for name, tensor in weights.items()})
+    return model
+
+
 def load_text_classifier(folder: Path, trust_remote_code: bool = False) -> SavedModel:
     """A text run's classifier: the saved transformers model, or the source model plus the LoRA adapter.
 
@@ -129,7 +151,9 @@ def load_text_classifier(folder: Path, trust_remote_code: bool = False) -> Saved
     trust = trust_remote_code
     if not trust:
         _refuse_remote_code(folder)
-    if (folder / ADAPTER_CONFIG_FILE).is_file():
+    if (folder / SENTENCE_MODULES_FILE).is_file():
+        model = load_mean_pooled(folder, trust)
+    elif (folder / ADAPTER_CONFIG_FILE).is_file():
         from peft import PeftModel
 
         from hf_transfer.sources.text import load_text_model

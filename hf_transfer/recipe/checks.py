@@ -137,7 +137,32 @@ def validate(recipe: Recipe) -> None:
         )
     for section in (recipe.data, recipe.training, recipe.output):
         section.check()
+    validate_head(recipe)
     validate_adaptation(recipe)
+
+
+def validate_head(recipe: Recipe) -> None:
+    head = recipe.head
+    if head.pooling == "mean" and recipe.task != "text":
+        raise HfTransferError(
+            f"head.pooling mean applies to text models; task {recipe.task} reads its source's pooled features: "
+            "set head.pooling auto."
+        )
+    if head.pooling == "mean" and recipe.adaptation.target_path:
+        raise HfTransferError("Domain adaptation pools as adaptation.features says; set head.pooling auto.")
+    if recipe.task == "text" and head.type != "linear":
+        raise HfTransferError(
+            f"head.type {head.type} is for image models; a text model's head is linear (its library's own "
+            "classifier, or the linear layer on mean-pooled states): set head.type linear."
+        )
+    if head.solver == "logistic" and head.type != "linear":
+        raise HfTransferError(
+            f"head.solver logistic fits a linear head; head.type is {head.type}: set head.solver loop or auto."
+        )
+    if head.solver == "logistic" and recipe.training.label_smoothing:
+        raise HfTransferError(
+            "head.solver logistic fits the plain cross-entropy; set training.label_smoothing 0 or head.solver loop."
+        )
 
 
 def validate_adaptation(recipe: Recipe) -> None:

@@ -158,6 +158,20 @@ class HeadConfig:
     type: Literal["linear", "mlp", "bottleneck"] = _f("linear", "Classification head on the pooled features.")
     hidden_dim: int = _f(512, "Hidden width of the mlp head / bottleneck width of the bottleneck head.", at_least=1)
     dropout: float = _f(0.0, "Dropout before the head's layers.", at_least=0, below=1)
+    pooling: Literal["auto", "head_input", "mean"] = _f(
+        "auto",
+        "Text: the features the head reads. head_input: what the source's own classifier reads (BERT's pooler "
+        "output of [CLS]); mean: the mean of the last hidden states over the real tokens, the output is then a "
+        "sentence-transformers folder; auto: mean for a sentence-transformers source trained with mean pooling "
+        "(its modules.json says so), head_input otherwise. Images always read timm's pooled features.",
+    )
+    solver: Literal["auto", "loop", "logistic"] = _f(
+        "auto",
+        "How a linear head on cached frozen features is trained. loop: training.epochs of the training loop; "
+        "logistic: a multinomial logistic regression fitted to convergence, its L2 strength chosen by "
+        "cross-validation on the training features (scikit-learn), then evaluated once; auto: logistic wherever "
+        "the frozen-feature cache serves the run with a linear head and no label smoothing, loop otherwise.",
+    )
 
 
 @dataclass

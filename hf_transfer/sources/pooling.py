@@ -34,7 +34,12 @@ def mean_token_states(model: TransferModel, **inputs: torch.Tensor) -> torch.Ten
         raise HfTransferError("mean pooling needs text inputs with an attention_mask.")
     encoder_inputs = {k: v for k, v in inputs.items() if k in model.input_names}
     states = text_encoder(model)(**encoder_inputs).last_hidden_state
-    mask = inputs["attention_mask"].unsqueeze(-1).to(states.dtype)
+    return masked_mean(states, inputs["attention_mask"])
+
+
+def masked_mean(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(batch, tokens, hidden) -> (batch, hidden): the mean over the tokens the mask marks real."""
+    mask = attention_mask.unsqueeze(-1).to(states.dtype)
     return (states * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 

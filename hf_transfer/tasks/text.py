@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,22 @@ from hf_transfer.cache.head import FeatureSource
 from hf_transfer.cache.store import dataset_fingerprint
 from hf_transfer.data.text import load_text_splits, text_loader, tokenize
 from hf_transfer.export.card import base_model_id
-from hf_transfer.export.layout import MERGED_DIR
+from hf_transfer.export.layout import (
+    CONFIG_FILE,
+    DENSE_DIR,
+    MERGED_DIR,
+    POOLING_DIR,
+    SENTENCE_CONFIG_FILE,
+    SENTENCE_MODULES_FILE,
+)
 from hf_transfer.recipe import Recipe
-from hf_transfer.sources.text import load_text_model, load_tokenizer, usable_max_length
+from hf_transfer.sources.text import (
+    MeanPooledClassifier,
+    load_text_model,
+    load_tokenizer,
+    resolve_pooling,
+    usable_max_length,
+)
 from hf_transfer.strategies import apply_strategy, get_strategy, merged_copy
 from hf_transfer.training.plan import Plan
 
@@ -35,11 +49,51 @@ def save_text_model(model: nn.Module, tokenizer: Any, folder: Path, merged: bool
         tokenizer.save_pretrained(folder / MERGED_DIR)
 
 
+def save_mean_pooled(model: nn.Module, tokenizer: Any, folder: Path, max_length: int) -> None:
+    """A sentence-transformers folder: the encoder (LoRA folded in) and tokenizer at the top, mean
+    pooling, and the linear head as a Dense layer with no activation, so `encode` returns the logits.
+
+    Written by hand in the module format sentence-transformers has read since version 2 (its own
+    `save` would make it a dependency of every run); tests load it back with the stock library.
+    """
+    from safetensors.torch import save_file
+
+    classifier: MeanPooledClassifier = merged_copy(model)
+    classifier.save_encoder(folder)
+    tokenizer.save_pretrained(folder)
+    hidden, labels = classifier.classifier.in_features, classifier.classifier.out_features
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": POOLING_DIR, "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": DENSE_DIR, "type": "sentence_transformers.models.Dense"},
+    ]
+    pooling = {
+        "word_embedding_dimension": hidden, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
+        "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
+    }
+    dense = {"in_features": hidden, "out_features": labels, "bias": True,
+             "activation_function": "torch.nn.modules.linear.Identity"}
+    (folder / POOLING_DIR).mkdir(exist_ok=True)
+    (folder / DENSE_DIR).mkdir(exist_ok=True)
+    for path, values in (
+        (folder / SENTENCE_MODULES_FILE, modules),
+        (folder / SENTENCE_CONFIG_FILE, {"max_seq_length": max_length, "do_lower_case": False}),
+        (folder / POOLING_DIR / CONFIG_FILE, pooling),
+        (folder / DENSE_DIR / CONFIG_FILE, dense),
+    ):
+        path.write_text(json.dumps(values, indent=2) + "\n")
+    head = classifier.classifier.state_dict()
+    save_file({f"linear.{name}": tensor.contiguous() for name, tensor in head.items()},
+              str(folder / DENSE_DIR / "model.safetensors"))
+
+
 def build_text_task(recipe: Recipe) -> Plan:
     seed, training = recipe.training.seed, recipe.training
     splits = load_text_splits(recipe.data, seed)
     tokenizer = load_tokenizer(recipe.model)
-    model = load_text_model(recipe.model, splits.label_names)
+    # domain adaptation pools as adaptation.features says, on the source's own model
+    pooling = "head_input" if recipe.adaptation.target_path else resolve_pooling(recipe.head.pooling, recipe.model)
+    model = load_text_model(recipe.model, splits.label_names, pooling, recipe.head.dropout)
     data = dataclasses.replace(recipe.data, max_length=usable_max_length(recipe.data.max_length, model, tokenizer))
     train_set = tokenize(splits.train, tokenizer, data)
     eval_set = tokenize(splits.validation, tokenizer, data)
@@ -60,8 +114,12 @@ def build_text_task(recipe: Recipe) -> Plan:
         eval_loader=text_loader(eval_set, tokenizer, training.eval_batch_size, False, workers, seed, **batching),
         label_names=splits.label_names,
         train_labels=list(splits.train["label"]),
-        save=lambda folder: save_text_model(model.model, tokenizer, folder, merged, base_model_id(recipe)),
+        save=(
+            (lambda folder: save_mean_pooled(model.model, tokenizer, folder, data.max_length)) if pooling == "mean"
+            else (lambda folder: save_text_model(model.model, tokenizer, folder, merged, base_model_id(recipe)))
+        ),
         callbacks=callbacks,
+        summary=lambda _accelerator: {"text_pooling": pooling},
         # token ids are the whole preprocessing, and the fingerprints hash them
         feature_source=FeatureSource(
             loader=feature_loader,
