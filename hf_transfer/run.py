@@ -163,7 +163,8 @@ def run_training(recipe: Recipe, resume: str | None = None) -> dict[str, Any]:
             output_dir, accelerator, recipe.to_dict(), recipe.training.checkpoint_every_steps,
             recipe.output.save_total_limit, resume_from,
         )
-    result = train(plan, recipe.training, accelerator, output_dir, recipe_callbacks(recipe.training, plan, checkpoints))
+    trainer = plan.trainer or train  # the loop, or a solver that fits the head to convergence
+    result = trainer(plan, recipe.training, accelerator, output_dir, recipe_callbacks(recipe.training, plan, checkpoints))
     summary = run_summary(recipe, task, plan, parameters, result, accelerator, resume_from)
 
     accelerator.wait_for_everyone()

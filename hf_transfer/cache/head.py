@@ -25,6 +25,7 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from hf_transfer.cache.solver import LogisticHeadTrainer, solver_blocker
 from hf_transfer.cache.store import FeatureKey, FeatureStore, extract_features, model_key_fields
 from hf_transfer.console import say
 from hf_transfer.errors import HfTransferError
@@ -236,14 +237,20 @@ def head_only_plan(recipe: Recipe, plan: Plan, accelerator: Accelerator) -> Plan
         f"computed: {extraction.misses or 'none'}){augmentation}"
     )
     report = {"feature_cache": {"hits": extraction.hits, "computed": extraction.misses}}
+    head_only = HeadOnlyModel(model)
+    blocker = solver_blocker(recipe, head_only.model)
+    if blocker is not None and recipe.head.solver == "logistic":
+        raise HfTransferError(f"head.solver is logistic, but {blocker}. Set head.solver auto or loop.")
+    solver = LogisticHeadTrainer(train_views, train_labels) if blocker is None else None
     return dataclasses.replace(
         plan,
-        model=HeadOnlyModel(model),
+        model=head_only,
         train_loader=cached_loader(train_set, training.batch_size, shuffle=True, seed=training.seed),
         eval_loader=cached_loader(eval_set, training.batch_size, shuffle=False, seed=training.seed),
         callbacks=[*plan.callbacks, CachedView(train_set)],
-        summary=lambda accelerator: plan.summary(accelerator) | report,
+        summary=lambda accelerator: plan.summary(accelerator) | report | (solver.summary() if solver else {}),
         feature_source=None,
+        trainer=solver,
     )
 
 
@@ -263,6 +270,8 @@ def cached_plan(recipe: Recipe, plan: Plan, accelerator: Accelerator) -> Plan | 
     if reason is not None:
         if setting is True:
             raise HfTransferError(f"training.cache_features is true, but {reason}. Set it to auto or false.")
+        if recipe.head.solver == "logistic":
+            raise HfTransferError(f"head.solver logistic needs the frozen-feature cache, but {reason}. Set head.solver auto.")
         if recipe.strategy.name == "freeze_backbone":
             say(accelerator, f"frozen-feature cache not used: {reason}")
         return None

@@ -159,6 +159,12 @@ def validate_head(recipe: Recipe) -> None:
         raise HfTransferError(
             f"head.solver logistic fits a linear head; head.type is {head.type}: set head.solver loop or auto."
         )
+    if head.solver == "logistic" and (recipe.strategy.name != "freeze_backbone" or recipe.training.cache_features is False
+                                      or recipe.adaptation.target_path or recipe.task == "multimodal"):
+        raise HfTransferError(
+            "head.solver logistic fits a head on cached frozen features: it needs strategy freeze_backbone, "
+            "training.cache_features auto or true, and no adaptation target or second tower; set head.solver auto."
+        )
     if head.solver == "logistic" and recipe.training.label_smoothing:
         raise HfTransferError(
             "head.solver logistic fits the plain cross-entropy; set training.label_smoothing 0 or head.solver loop."

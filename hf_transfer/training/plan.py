@@ -67,6 +67,8 @@ class Plan:
     training.metric_for_best, or "last" where the evaluation data must not choose, as a domain
     adaptation target); `summary(accelerator)` gives entries for metrics.json once training ends.
     `feature_source` is what the frozen-feature cache needs of a task (None: no cache).
+    `trainer`, when set, trains the plan in place of the loop, with the loop's signature and result
+    (a linear head on cached features fitted to convergence by a solver, cache/solver.py).
     """
 
     model: TransferModel
@@ -80,3 +82,4 @@ class Plan:
     epoch_rule: str = "best"
     summary: Callable[[Any], dict[str, Any]] = lambda _accelerator: {}
     feature_source: Any = None  # cache.FeatureSource; typed loosely because the cache stage comes later
+    trainer: Callable[..., Any] | None = None
