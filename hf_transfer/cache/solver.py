@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +87,9 @@ def fit_logistic_head(head: nn.Linear, views: Sequence[torch.Tensor], labels: to
         splits = list(StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(z, y, groups))
         model = LogisticRegressionCV(Cs=list(C_GRID), cv=splits, scoring="neg_log_loss", max_iter=2000,
                                      class_weight=class_weight, random_state=seed)
-        model.fit(z, y)
+        with warnings.catch_warnings():  # scikit-learn 1.9 announces renamed attributes; C_ is in every version
+            warnings.simplefilter("ignore", FutureWarning)
+            model.fit(z, y)
         C = float(np.atleast_1d(model.C_)[0])
     else:  # too few examples of some class to cross-validate: scikit-learn's default strength
         C = 1.0
