@@ -46,6 +46,8 @@ def solver_blocker(recipe: Recipe, head: nn.Module) -> str | None:
         return f"the head is a {type(head).__name__}, not one linear layer"
     if recipe.training.label_smoothing:
         return "training.label_smoothing is set (the solver fits the plain cross-entropy)"
+    if recipe.training.ema_decay:
+        return "training.ema_decay is set (an average of the loop's weights)"
     return None
 
 

@@ -165,6 +165,11 @@ def validate_head(recipe: Recipe) -> None:
             "head.solver logistic fits a head on cached frozen features: it needs strategy freeze_backbone, "
             "training.cache_features auto or true, and no adaptation target or second tower; set head.solver auto."
         )
+    if head.solver == "logistic" and recipe.training.ema_decay:
+        raise HfTransferError(
+            "training.ema_decay averages the weights of the training loop, which head.solver logistic does not run; "
+            "set head.solver loop (or auto) or training.ema_decay null."
+        )
     if head.solver == "logistic" and recipe.training.label_smoothing:
         raise HfTransferError(
             "head.solver logistic fits the plain cross-entropy; set training.label_smoothing 0 or head.solver loop."

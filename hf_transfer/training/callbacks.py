@@ -1,4 +1,4 @@
-"""The loop's standard callbacks: which epoch a run keeps, early stopping, checkpoints.
+"""The loop's standard callbacks: which epoch a run keeps, early stopping, weight averaging, checkpoints.
 
 Mode-specific callbacks live with their mode (gradual unfreezing in strategies.py, the cached
 view in cache/, the domain loss in adaptation/); `recipe_callbacks` adds these, in this order,
@@ -60,6 +60,43 @@ class EarlyStopping(Callback):
             loop.stop = True  # no checkpoint: a resumed run repeats this epoch and stops here again
 
 
+class WeightAveraging(Callback):
+    """An EMA of the weights (timm's ModelEmaV3): each epoch is evaluated, and kept, with the averaged
+    weights; training goes on from the live ones.
+
+    The average is swapped in after the epoch's last update (before the evaluation) and swapped out
+    at the epoch's end, after the epoch rule stored what it keeps and before a checkpoint stores the
+    live weights. A resumed run starts a fresh average from the resumed weights.
+    """
+
+    cuda_graphs_blocker = "the averaged weights are swapped in for each evaluation"
+
+    def __init__(self, decay: float):
+        self.decay = decay
+        self.average = None
+        self.live: dict | None = None
+
+    def _model(self, loop: Loop):
+        return loop.accelerator.unwrap_model(loop.model)
+
+    def on_train_begin(self, loop: Loop) -> None:
+        from timm.utils import ModelEmaV3
+
+        self.average = ModelEmaV3(self._model(loop), decay=self.decay, use_warmup=True)
+
+    def on_update(self, loop: Loop, end_of_epoch: bool) -> None:
+        model = self._model(loop)
+        self.average.update(model, step=loop.state.update)
+        if end_of_epoch:
+            self.live = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            model.load_state_dict(self.average.module.state_dict())
+
+    def on_epoch_end(self, loop: Loop, metrics: dict[str, Any]) -> None:
+        if self.live is not None:
+            self._model(loop).load_state_dict(self.live)
+            self.live = None
+
+
 class Checkpointing(Callback):
     """Checkpoints at epoch ends (and every N optimiser steps if asked); restores a resumed run."""
 
@@ -92,6 +129,8 @@ def recipe_callbacks(config: TrainingConfig, plan: Plan, checkpoints: Checkpoint
         callbacks.append(TrackerLogging())
     if config.early_stopping_patience:
         callbacks.append(EarlyStopping(config.early_stopping_patience))
+    if config.ema_decay:  # after the epoch rule (it keeps the average), before checkpoints (they store the live weights)
+        callbacks.append(WeightAveraging(config.ema_decay))
     if checkpoints is not None:
         callbacks.append(Checkpointing(checkpoints))
     return callbacks

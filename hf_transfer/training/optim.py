@@ -15,31 +15,47 @@ from hf_transfer.recipe import TrainingConfig
 from hf_transfer.sources.base import TransferModel
 
 
+def _block_depths(model: TransferModel) -> dict[str, int]:
+    """Backbone parameter name -> how many blocks lie above its own (0 for the top block)."""
+    depths = {}
+    blocks = model.block_prefixes
+    for index, prefixes in enumerate(blocks):
+        for name, _ in model.backbone_parameters():
+            if name not in depths and any(name.startswith(prefix) for prefix in prefixes):
+                depths[name] = len(blocks) - 1 - index
+    return depths
+
+
 def parameter_groups(model: TransferModel, config: TrainingConfig, include_frozen: bool = False) -> list[dict]:
-    """Optimiser groups: head and backbone with their learning rates, no decay on biases and norms.
+    """Optimiser groups: head and backbone with their learning rates, no decay on biases and norms,
+    and with training.layer_decay one backbone group per block, lower blocks at lower rates.
 
     `include_frozen` adds parameters frozen now but unfrozen later (gradual unfreezing); the
     optimiser skips them while they have no gradient.
 
-    Not timm's `param_groups_weight_decay`: it splits decay from no-decay only, while transfer needs the
-    head and the backbone at their own learning rates too (training.head_lr / backbone_lr), for any model.
+    Not timm's `param_groups_weight_decay` / `param_groups_layer_decay`: they need timm's own group
+    matchers, while transfer needs the head and the backbone at their own rates for any source (text
+    encoders too); the layer rule is timm's (top block: backbone_lr x decay, one factor more per block).
     """
-    groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+    depths = _block_depths(model) if config.layer_decay else {}
+    deepest = max(depths.values(), default=0)
+    groups: dict[tuple[str, int, bool], list[torch.nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
         if not (parameter.requires_grad or include_frozen):
             continue
         part = "head" if model.is_head_parameter(name) else "backbone"
-        decay = parameter.ndim > 1
-        groups.setdefault((part, decay), []).append(parameter)
+        # a backbone parameter outside every block counts as the lowest block (the stem)
+        depth = -1 if part == "head" or not config.layer_decay else depths.get(name, deepest)
+        groups.setdefault((part, depth, parameter.ndim > 1), []).append(parameter)
     lrs = {"head": config.head_lr or config.lr, "backbone": config.backbone_lr or config.lr}
     return [
         {
             "params": params,
-            "lr": lrs[part],
+            "lr": lrs[part] * (config.layer_decay ** (depth + 1) if depth >= 0 else 1.0),
             "weight_decay": config.weight_decay if decay else 0.0,
-            "name": f"{part}{'' if decay else '_no_decay'}",
+            "name": f"{part}{f'_block-{depth}' if depth >= 0 else ''}{'' if decay else '_no_decay'}",
         }
-        for (part, decay), params in groups.items()
+        for (part, depth, decay), params in groups.items()
     ]
 
 
