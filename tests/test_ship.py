@@ -398,7 +398,7 @@ def test_long_steps_show_labelled_bars_and_quiet_shows_only_errors(tiny_bert_dir
                                                                    monkeypatch, capsys):
     out = tmp_path / "frozen"
     args = ["train", "--recipe", str(write_recipe(tmp_path / "r.yaml", recipe_values(tiny_bert_dir, data_dir, out))),
-            "--set", "strategy.name=freeze_backbone", "training.epochs=1"]
+            "--set", "strategy.name=freeze_backbone", "training.epochs=1", "head.solver=loop"]
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     assert main(args) == 0

@@ -25,6 +25,7 @@ def text_recipe(model_dir: Path, data_dir: Path, output_dir: Path, **training) -
         "model": {"name": str(model_dir)},
         "data": {"path": str(data_dir), "max_length": 32},
         "strategy": {"name": "freeze_backbone"},
+        "head": {"solver": "loop"},  # these tests compare the loop on cached and on live features
         "training": {"epochs": 3, "batch_size": 16, "lr": 1e-2, "seed": 0, "logging_steps": 100,
                      "feature_cache_dir": str(output_dir.parent / "cache"), **training},
         "output": {"dir": str(output_dir), "overwrite": True},
@@ -202,6 +203,7 @@ def test_image_cache_stores_augmented_views_and_reuses_them(tmp_path: Path) -> N
             "model": {"name": "test_resnet", "pretrained": False},
             "data": {"path": str(tmp_path / "images"), "image_size": 32},
             "strategy": {"name": "freeze_backbone"},
+            "head": {"solver": "loop"},  # epoch e trains on view e mod K: the loop's behaviour under test
             "training": {"epochs": 3, "batch_size": 8, "lr": 1e-2, "num_workers": 0, "cache_views": 2,
                          "feature_cache_dir": str(tmp_path / "cache"), **training},
             "output": {"dir": str(tmp_path / output), "overwrite": True},

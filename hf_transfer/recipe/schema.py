@@ -242,16 +242,10 @@ class TrainingConfig:
     lr: float = _f(5e-5, "Learning rate (of every parameter unless backbone_lr / head_lr say otherwise).", above=0)
     backbone_lr: float | None = _f(None, "Learning rate of the pretrained backbone's trainable parameters.", above=0)
     head_lr: float | None = _f(None, "Learning rate of the new head.", above=0)
-    layer_decay: float | None = _f(
-        None, "Layer-wise learning-rate decay: the backbone's top block trains at backbone_lr x decay, each block "
-        "below at one more factor of decay (the rule of timm's param_groups_layer_decay, over the blocks every "
-        "source declares). null: one backbone rate.", above=0, at_most=1,
-    )
-    ema_decay: float | None = _f(
-        None, "Keep an exponential moving average of the weights (timm's ModelEmaV3, this decay per update, with "
-        "its warm-up); every epoch is evaluated with the averaged weights, and those are the ones kept and saved. "
-        "null: off.", above=0, below=1,
-    )
+    layer_decay: float | None = _f(None, "Layer-wise lr decay: the backbone's top block at backbone_lr x decay, one more "
+        "factor per block below (timm's param_groups_layer_decay rule, on any source's blocks). null: off.", above=0, at_most=1)
+    ema_decay: float | None = _f(None, "EMA of the weights (timm's ModelEmaV3, this decay per update): every epoch is "
+        "evaluated with the average, and the average is kept and saved. null: off.", above=0, below=1)
     weight_decay: float = _f(0.01, "Decoupled weight decay; never applied to biases and norm weights.", at_least=0)
     optimizer: Literal["adamw", "adam", "sgd"] = _f("adamw", "Optimiser.")
     momentum: float = _f(0.9, "Momentum (sgd).", at_least=0, below=1)
