@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
 TEXT = ["data.text_column=sentence", "data.label_names=[negative, positive]"]
 # name -> (recipe, data overrides, overrides of the loop run: the settings recorded before the solver)
 SETS = {
@@ -32,7 +33,8 @@ SETS = {
 
 def train(recipe: str, overrides: list[str], out: Path) -> tuple[dict, float]:
     started = time.perf_counter()
-    command = ["hf-transfer", "train", "--quiet", "--recipe", recipe, "--overwrite", "--output-dir", str(out),
+    # scripts/train.py is `hf-transfer train`, run by this interpreter: no PATH needed
+    command = [sys.executable, str(REPO / "scripts" / "train.py"), "--quiet", "--recipe", recipe, "--overwrite", "--output-dir", str(out),
                "--set", "strategy.name=freeze_backbone", *overrides]
     subprocess.run(command, check=True)
     return json.loads((out / "metrics.json").read_text()), time.perf_counter() - started
