@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 # L2 strengths tried (C, the inverse, on standardised features): half-decade steps from strong to weak
 C_GRID = tuple(10.0 ** exponent for exponent in np.arange(-4.0, 2.01, 0.5))
 MAX_FOLDS = 5
-SCORING = {"accuracy": "accuracy", "f1_macro": "f1_macro"}  # training.metric_for_best -> scikit-learn's scorer
+
 
 
 def solver_blocker(recipe: Recipe, head: nn.Module) -> str | None:
@@ -65,14 +65,15 @@ class LogisticFit:
 
 
 def fit_logistic_head(head: nn.Linear, views: Sequence[torch.Tensor], labels: torch.Tensor,
-                      weights: torch.Tensor | None, seed: int, scoring: str = "accuracy") -> LogisticFit:
+                      weights: torch.Tensor | None, seed: int) -> LogisticFit:
     """Fit `head` in place as a multinomial logistic regression on the stacked views' features.
 
     The features are centred and divided by one number, their root-mean-square spread, so that one C
     grid fits every backbone's scale; the map is folded back into the weights, so the head reads the
     raw features as before. One number, not a spread per dimension: standardising each dimension
     inflates the near-constant ones, and lost 3.5 points on PACS cartoon (benchmarks/BENCHMARKS.md).
-    C is chosen by `scoring` (the run's metric_for_best); on ties the strongest regularisation wins.
+    C is chosen by the cross-validated log loss: a proper score, smooth where small folds tie on
+    accuracy over much of the grid (accuracy scoring measured no better: benchmarks/BENCHMARKS.md).
     The views of one example stay in the same cross-validation fold.
     """
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
@@ -91,7 +92,7 @@ def fit_logistic_head(head: nn.Linear, views: Sequence[torch.Tensor], labels: to
     folds = int(min(MAX_FOLDS, np.bincount(y)[classes].min())) if len(classes) > 1 else 0
     if folds >= 2:
         splits = list(StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(z, y, groups))
-        model = LogisticRegressionCV(Cs=list(C_GRID), cv=splits, scoring=scoring, max_iter=2000,
+        model = LogisticRegressionCV(Cs=list(C_GRID), cv=splits, scoring="neg_log_loss", max_iter=2000,
                                      class_weight=class_weight, random_state=seed)
         with warnings.catch_warnings():  # scikit-learn 1.9 announces renamed attributes; C_ is in every version
             warnings.simplefilter("ignore", FutureWarning)
@@ -129,7 +130,7 @@ class LogisticHeadTrainer:
                  callbacks: Sequence[Callback] = ()) -> TrainResult:
         head = plan.model.model
         weights = class_weights(config.class_weights, plan.train_labels, len(plan.label_names))
-        self.fit = fit_logistic_head(head, self.views, self.labels, weights, config.seed, SCORING[config.metric_for_best])
+        self.fit = fit_logistic_head(head, self.views, self.labels, weights, config.seed)
         say(accelerator, f"head: logistic regression fitted to convergence in {self.fit.seconds:.1f} s "
                          f"(C={self.fit.C:g}, chosen by {self.fit.folds}-fold cross-validation on the training features)")
         model = plan.model.to(accelerator.device)
