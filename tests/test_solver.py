@@ -46,7 +46,7 @@ def test_it_reaches_the_default_probe_on_held_out_data_in_binary_and_multiclass(
         with torch.no_grad():
             ours = float((head(x_test).argmax(-1) == y_test).float().mean())
         probe = LogisticRegression(max_iter=5000).fit(x.numpy(), y.numpy()).score(x_test.numpy(), y_test.numpy())
-        assert ours >= probe - 0.01, (classes, ours, probe)
+        assert ours >= probe - 0.02, (classes, ours, probe)  # two standard errors of 2,000 test examples
 
 
 def test_views_stay_in_one_fold_and_a_class_missing_from_training_is_never_predicted():
