@@ -97,6 +97,7 @@ def side_hf_transfer_text(args: argparse.Namespace) -> dict:
                  "max_length": 128, "pad_to_multiple_of": args.pad_to_multiple_of,
                  "group_by_length": not args.no_length_groups},
         "strategy": {"name": "full"},
+        "head": {"pooling": "head_input"},  # the Trainer side's model: transformers' own head on the pooler
         "training": {"epochs": args.epochs, "batch_size": args.batch_size, "eval_batch_size": 256, "lr": 5e-5,
                      "weight_decay": 0.0, "warmup_ratio": 0.0, "scheduler": "linear", "max_grad_norm": 1.0,
                      "mixed_precision": args.precision, "seed": 42, "logging_steps": 500,
@@ -187,6 +188,7 @@ def side_feature_cache(args: argparse.Namespace) -> dict:
         "model": {"name": "tf_efficientnet_lite0"},
         "data": {"path": str(Path(args.data_root) / "hymenoptera")},
         "strategy": {"name": "freeze_backbone"},
+        "head": {"solver": "loop"},  # both sides train the head in the loop: the cache's speed-up is measured
         "training": {"epochs": args.epochs, "batch_size": 32, "lr": 1e-3, "seed": 42, "logging_steps": 500,
                      "cache_features": args.cached, "feature_cache_dir": tempfile.mkdtemp(prefix="cache_")},
         "output": {"dir": tempfile.mkdtemp(prefix="bench_out_"), "overwrite": True},
