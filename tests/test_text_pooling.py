@@ -102,6 +102,8 @@ def test_frozen_mean_pooled_head_leaves_the_encoder_unchanged(tiny_sentence_enco
     ({"head": {"solver": "logistic"}}, "head.solver logistic fits a head on cached frozen features"),
     ({"strategy": {"name": "freeze_backbone"}, "head": {"solver": "logistic"}, "training": {"label_smoothing": 0.1}},
      "head.solver logistic fits the plain cross-entropy"),
+    ({"strategy": {"name": "freeze_backbone"}, "head": {"solver": "logistic"}, "training": {"ema_decay": 0.99}},
+     "training.ema_decay averages the weights of the training loop"),
 ])
 def test_a_head_setting_the_run_cannot_honour_is_one_clear_error(tiny_bert_dir, keyword_data, tmp_path, sections, message):
     values = text_recipe(tiny_bert_dir, keyword_data, tmp_path / "out")
