@@ -11,7 +11,6 @@ the same folder as after the loop.
 
 from __future__ import annotations
 
-import logging
 import time
 import warnings
 from collections.abc import Sequence
@@ -31,12 +30,9 @@ from hf_transfer.training.metrics import evaluate, scalar_metrics
 from hf_transfer.training.optim import class_weights
 from hf_transfer.training.plan import Callback, Plan
 
-logger = logging.getLogger(__name__)
-
-# L2 strengths tried (C, the inverse, on standardised features): half-decade steps from strong to weak
+# L2 strengths tried (C, the inverse, on the scaled features): half-decade steps from strong to weak
 C_GRID = tuple(10.0 ** exponent for exponent in np.arange(-4.0, 2.01, 0.5))
 MAX_FOLDS = 5
-
 
 
 def solver_blocker(recipe: Recipe, head: nn.Module) -> str | None:
@@ -131,8 +127,9 @@ class LogisticHeadTrainer:
         head = plan.model.model
         weights = class_weights(config.class_weights, plan.train_labels, len(plan.label_names))
         self.fit = fit_logistic_head(head, self.views, self.labels, weights, config.seed)
+        chosen = f"chosen by {self.fit.folds}-fold cross-validation" if self.fit.folds else "too few examples to cross-validate"
         say(accelerator, f"head: logistic regression fitted to convergence in {self.fit.seconds:.1f} s "
-                         f"(C={self.fit.C:g}, chosen by {self.fit.folds}-fold cross-validation on the training features)")
+                         f"(C={self.fit.C:g}, {chosen} on the training features)")
         model = plan.model.to(accelerator.device)
         metrics = evaluate(model, accelerator.prepare(plan.eval_loader), accelerator, plan.label_names, config.extra_metrics)
         record = {"epoch": 1, "train_loss": self.fit.train_log_loss, **scalar_metrics(metrics)}

@@ -112,7 +112,6 @@ class TextClassifier(TransferModel):
         self.block_prefixes = blocks_from_layers(
             backbone_names, [f"model.{stack_name}.{i}." for i in range(len(stack))], input_side="embed"
         )
-        self._classifier_input: torch.Tensor | None = None
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
         inputs = {k: v for k, v in inputs.items() if k in self.input_names}
