@@ -91,6 +91,7 @@ def test_frozen_mean_pooled_head_leaves_the_encoder_unchanged(tiny_sentence_enco
     out = tmp_path / "out"
     summary = train(tiny_sentence_encoder, keyword_data, out, strategy={"name": "freeze_backbone"})
     assert summary["head_solver"]["C"] > 0
+    assert "fitted to convergence on the cached features as a logistic regression" in (out / "README.md").read_text()
     before = AutoModel.from_pretrained(tiny_sentence_encoder).state_dict()
     for name, value in AutoModel.from_pretrained(out).state_dict().items():
         assert torch.equal(value, before[name]), name

@@ -70,6 +70,14 @@ def _mean_pooled(summary: dict[str, Any]) -> bool:
     return summary.get("text_pooling") == "mean"
 
 
+def _solver_text(summary: dict[str, Any]) -> str:
+    solver = summary.get("head_solver")
+    if not solver:
+        return ""
+    chosen = f"chosen by {solver['cv_folds']}-fold cross-validation on the training features" if solver["cv_folds"] else "the default"
+    return f"; fitted to convergence on the cached features as a logistic regression (L2 strength C={solver['C']:.3g}, {chosen})"
+
+
 def _head_text(recipe: Recipe, classes: int, summary: dict[str, Any]) -> str:
     if recipe.task == "text" and _mean_pooled(summary):
         return (f"a linear layer on the mean of the encoder's last hidden states (the features a sentence "
@@ -218,7 +226,7 @@ def card_values(recipe: Recipe, summary: dict[str, Any], folder: Path, repo_id: 
            "package does not state; check it before you publish)" if summary.get("source_weights_package") else ""),
         "strategy": get_strategy(recipe.strategy).describe(recipe.strategy),
         "trainable": f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)",
-        "head": _head_text(recipe, len(labels), summary),
+        "head": _head_text(recipe, len(labels), summary) + _solver_text(summary),
         "training": (
             f"{t.epochs} epochs, batch {t.batch_size} x {processes} process(es) x {t.gradient_accumulation_steps} "
             f"accumulation, {t.optimizer} lr {t.lr:g}, {t.scheduler} schedule (warmup {t.warmup_ratio:g}), "
