@@ -205,6 +205,10 @@ class _Extraction:
 def head_only_plan(recipe: Recipe, plan: Plan, accelerator: Accelerator) -> Plan:
     """The plan with its head on cached features of both splits (computing the missing ones)."""
     model, source, training = plan.model, plan.feature_source, recipe.training
+    # refused before any feature is computed: the solver's conditions are known from the head module alone
+    blocker = solver_blocker(recipe, model.model.get_submodule(model.head_modules[0]))
+    if blocker is not None and recipe.head.solver == "logistic":
+        raise HfTransferError(f"head.solver is logistic, but {blocker}. Set head.solver auto or loop.")
     device = accelerator.device
     model.to(device)
     extraction = _Extraction(model, FeatureStore(feature_cache_dir(recipe)), accelerator)
@@ -237,14 +241,10 @@ def head_only_plan(recipe: Recipe, plan: Plan, accelerator: Accelerator) -> Plan
         f"computed: {extraction.misses or 'none'}){augmentation}"
     )
     report = {"feature_cache": {"hits": extraction.hits, "computed": extraction.misses}}
-    head_only = HeadOnlyModel(model)
-    blocker = solver_blocker(recipe, head_only.model)
-    if blocker is not None and recipe.head.solver == "logistic":
-        raise HfTransferError(f"head.solver is logistic, but {blocker}. Set head.solver auto or loop.")
     solver = LogisticHeadTrainer(train_views, train_labels) if blocker is None else None
     return dataclasses.replace(
         plan,
-        model=head_only,
+        model=HeadOnlyModel(model),
         train_loader=cached_loader(train_set, training.batch_size, shuffle=True, seed=training.seed),
         eval_loader=cached_loader(eval_set, training.batch_size, shuffle=False, seed=training.seed),
         callbacks=[*plan.callbacks, CachedView(train_set)],

@@ -125,10 +125,9 @@ def load_mean_pooled(folder: Path, trust_remote_code: bool = False) -> nn.Module
     from safetensors.torch import load_file
     from transformers import AutoModel
 
-    from hf_transfer.sources.text import MeanPooledClassifier
+    from hf_transfer.sources.text import MeanPooledClassifier, pooling_mode
 
-    pooling = _read_json(folder / POOLING_DIR / CONFIG_FILE)
-    if pooling.get("pooling_mode_mean_tokens") is not True and pooling.get("pooling_mode") != "mean":
+    if pooling_mode(_read_json(folder / POOLING_DIR / CONFIG_FILE)) != "mean":
         raise HfTransferError(f"{folder} is a sentence-transformers folder without mean pooling; hf-transfer did not write it.")
     dense = _read_json(folder / DENSE_DIR / CONFIG_FILE)
     encoder = AutoModel.from_pretrained(folder, use_safetensors=True, trust_remote_code=trust_remote_code)

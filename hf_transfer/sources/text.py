@@ -96,10 +96,9 @@ class TextClassifier(TransferModel):
         super().__init__()
         self.model = model
         self.label_names = label_names
-        self.pooling = "mean" if isinstance(model, MeanPooledClassifier) else "head_input"
         # SEQ_CLS: peft keeps the library's classifier trainable and saves it with the adapter; the mean-pooled
         # model is not a transformers class, so its head goes into modules_to_save like a timm head
-        self.peft_task_type = "SEQ_CLS" if self.pooling == "head_input" else None
+        self.peft_task_type = None if isinstance(model, MeanPooledClassifier) else "SEQ_CLS"
         # the new head: every module outside the encoder, plus encoder weights the checkpoint lacked
         self.head_modules = [
             name for name, child in model.named_children()
@@ -190,8 +189,11 @@ def sentence_transformers_pooling(config: ModelConfig) -> str | None:
     modules = read("modules.json")
     pooling = next((m for m in modules or [] if isinstance(m, dict) and str(m.get("type", "")).endswith("Pooling")), None)
     settings = read(f"{pooling.get('path', '')}/config.json") if pooling else None
-    if not isinstance(settings, dict):
-        return None
+    return pooling_mode(settings) if isinstance(settings, dict) else None
+
+
+def pooling_mode(settings: dict) -> str | None:
+    """The mode a sentence-transformers pooling config names ("mean", "cls", ...), in either of its formats."""
     if isinstance(settings.get("pooling_mode"), str):  # sentence-transformers 6 writes one name
         return settings["pooling_mode"]
     return next((mode for key, mode in _POOLING_MODE_KEYS.items() if settings.get(key) is True), None)
