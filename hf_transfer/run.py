@@ -19,6 +19,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 
 from hf_transfer.adaptation.plan import adaptation_plan
 from hf_transfer.cache.head import cached_plan
+from hf_transfer.cache.head_first import head_first_plan
 from hf_transfer.console import say
 from hf_transfer.export.card import write_card
 from hf_transfer.export.folder import check_output_dir, create_output_dir, staged, write_json, write_text
@@ -91,10 +92,11 @@ def prefer_channels_last(plan: Plan, accelerator: Accelerator) -> None:
 
 def training_plan(recipe: Recipe, task: Plan, accelerator: Accelerator) -> Plan:
     """What the loop trains: with a target, the adapted head on both domains' frozen features;
+    else, fine-tuning, the task with its head fitted first on cached frozen features where it can be;
     else the head on cached frozen features where the cache serves the run; else the task itself."""
     if recipe.adaptation.target_path:
         return adaptation_plan(recipe, task, accelerator)
-    return cached_plan(recipe, task, accelerator) or task
+    return head_first_plan(recipe, task, accelerator) or cached_plan(recipe, task, accelerator) or task
 
 
 def run_summary(recipe: Recipe, task: Plan, plan: Plan, parameters: tuple[int, int], result: TrainResult,

@@ -46,3 +46,82 @@ def test_ema_weights_are_evaluated_and_saved_not_the_live_ones(tiny_bert_dir, ke
     again = evaluate_saved_model(out, str(keyword_data), split="validation").metrics
     assert again["accuracy"] == pytest.approx(summary["eval"]["accuracy"])
     assert json.loads((out / "metrics.json").read_text())["eval"]["accuracy"] == summary["eval"]["accuracy"]
+
+
+def test_head_first_starts_fine_tuning_from_the_fitted_probe(tiny_bert_dir, keyword_data, tmp_path):
+    # a learning rate too small to move anything: what the run ends with is where fine-tuning started
+    still = {"epochs": 1, "lr": 1e-12, "warmup_ratio": 0.0}
+    fitted = train(tiny_bert_dir, keyword_data, tmp_path / "first", strategy={"name": "full", "head_first": "on"}, training=still)
+    plain = train(tiny_bert_dir, keyword_data, tmp_path / "plain", strategy={"name": "full", "head_first": "off"}, training=still)
+
+    record = fitted["head_first"]
+    assert record["cv_folds"] == 5 and record["feature_cache"]["computed"] == ["train"]
+    assert fitted["eval"]["accuracy"] == pytest.approx(record["accuracy"])  # the probe's score, recorded before training
+    assert record["accuracy"] >= 0.8 and record["accuracy"] > plain["eval"]["accuracy"] + 0.2
+    assert "head_first" not in plain
+    card = (tmp_path / "first" / "README.md").read_text()
+    assert "fitted first on the frozen backbone's features" in card
+
+
+def test_head_first_on_where_it_cannot_apply_is_one_clear_error(tiny_bert_dir, keyword_data, tmp_path):
+    from hf_transfer.errors import HfTransferError
+
+    with pytest.raises(HfTransferError, match="strategy.head_first is on, but strategy lora wraps the head"):
+        train(tiny_bert_dir, keyword_data, tmp_path / "out", strategy={"name": "lora", "head_first": "on"})
+    assert not (tmp_path / "out").exists()
+
+
+class _Step:
+    """What BatchMixing reads of a running loop: its optimiser step."""
+
+    def __init__(self, update: int):
+        self.state = type("State", (), {"update": update})()
+
+
+def test_mixing_blends_images_and_labels_reproducibly_and_keeps_an_odd_one_out():
+    from hf_transfer.recipe import AugmentConfig
+    from hf_transfer.training.mixing import BatchMixing
+
+    images = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    mixing = BatchMixing(AugmentConfig(mixup=0.4), num_classes=3, seed=7)
+    batch = mixing.on_batch(_Step(3), {"pixel_values": images, "labels": labels})
+
+    targets = batch["labels"]
+    assert targets.shape == (5, 3) and torch.allclose(targets.sum(-1), torch.ones(5))
+    assert not torch.equal(targets[:4], torch.nn.functional.one_hot(labels[:4], 3).float())  # soft targets
+    assert torch.equal(targets[4], torch.tensor([0.0, 1.0, 0.0])) and torch.equal(batch["pixel_values"][4], images[4])
+    assert not torch.equal(batch["pixel_values"][:4], images[:4]) and torch.equal(images, images.clone())  # input untouched
+    # the same step draws the same mix (a resumed run), another step another mix
+    again = mixing.on_batch(_Step(3), {"pixel_values": images, "labels": labels})
+    other = mixing.on_batch(_Step(4), {"pixel_values": images, "labels": labels})
+    assert torch.equal(again["labels"], targets) and not torch.equal(other["labels"], targets)
+    # a batch of one class stays that class, whatever the mix
+    same = mixing.on_batch(_Step(5), {"pixel_values": images[:4], "labels": torch.zeros(4, dtype=torch.long)})
+    assert torch.equal(same["labels"], torch.tensor([[1.0, 0.0, 0.0]] * 4))
+
+
+def test_mixup_trains_an_image_model_without_the_feature_cache(tmp_path):
+    from test_vision import image_recipe, train_capturing, write_colour_folder
+
+    colours = write_colour_folder(tmp_path / "colours")
+    recipe = image_recipe(colours, tmp_path / "out", strategy={"name": "freeze_backbone"},
+                          data={"augment": {"mixup": 0.4, "cutmix": 1.0}}, training={"epochs": 3})
+    summary, _, _ = train_capturing(recipe)
+    assert summary["feature_cache"] is None  # cached features cannot be blended: the loop ran on images
+    assert summary["eval"]["accuracy"] > 0.9
+
+
+@pytest.mark.parametrize(("sections", "message"), [
+    ({"task": "text"}, "data.augment.mixup / cutmix blend images; task text has none"),
+    ({"training": {"cache_features": True}}, "cached features cannot stand in for them"),
+])
+def test_mixing_where_it_cannot_apply_is_one_clear_error(sections, message, tmp_path):
+    from test_vision import image_recipe
+
+    from hf_transfer.errors import HfTransferError
+    from hf_transfer.recipe import recipe_from_dict
+
+    recipe = image_recipe(tmp_path, tmp_path / "out", data={"augment": {"mixup": 0.2}}, **sections)
+    with pytest.raises(HfTransferError, match=message):
+        recipe_from_dict(recipe)

@@ -172,7 +172,7 @@ def _views_to_cache(source: FeatureSource, requested: int, epochs: int) -> list[
     return list(range(min(requested, epochs)))  # more views than epochs would never be used
 
 
-class _Extraction:
+class FeatureExtraction:
     """Reads each split's features from the store, or computes and stores them; counts hits and misses."""
 
     def __init__(self, model: TransferModel, store: FeatureStore, accelerator: Accelerator):
@@ -202,6 +202,27 @@ class _Extraction:
         return features, labels
 
 
+def cached_training_features(recipe: Recipe, plan: Plan, accelerator: Accelerator, extraction: FeatureExtraction,
+                             views: list[int | None]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The training split's cached features, one tensor per view (computed where missing), and its labels."""
+    model, source, training = plan.model, plan.feature_source, recipe.training
+    common = model_key_fields(recipe.model.name, model, source.preprocessing, accelerator.mixed_precision)
+    train_views: list[torch.Tensor] = []
+    train_labels: torch.Tensor | None = None
+    train_fingerprint = source.fingerprint("train")
+    for view in views:
+        key = FeatureKey(data=train_fingerprint, view=view, seed=None if view is None else training.seed, **common)
+        name = "train" if view is None else f"train view {view}"
+        features, labels = extraction.features(
+            key, lambda v=view: source.loader("train", v), training.seed + 1000 * (view or 0), name
+        )
+        if train_labels is not None and not torch.equal(labels, train_labels.cpu()):
+            raise HfTransferError("The augmented views came back in different orders; the feature loader must not shuffle.")
+        train_labels = labels.to(accelerator.device)
+        train_views.append(features.to(accelerator.device))
+    return train_views, train_labels
+
+
 def head_only_plan(recipe: Recipe, plan: Plan, accelerator: Accelerator) -> Plan:
     """The plan with its head on cached features of both splits (computing the missing ones)."""
     model, source, training = plan.model, plan.feature_source, recipe.training
@@ -211,24 +232,13 @@ def head_only_plan(recipe: Recipe, plan: Plan, accelerator: Accelerator) -> Plan
         raise HfTransferError(f"head.solver is logistic, but {blocker}. Set head.solver auto or loop.")
     device = accelerator.device
     model.to(device)
-    extraction = _Extraction(model, FeatureStore(feature_cache_dir(recipe)), accelerator)
+    extraction = FeatureExtraction(model, FeatureStore(feature_cache_dir(recipe)), accelerator)
     common = model_key_fields(recipe.model.name, model, source.preprocessing, accelerator.mixed_precision)
     key = FeatureKey(data=source.fingerprint("validation"), **common)
     features, labels = extraction.features(key, lambda: source.loader("validation", None), training.seed, "validation")
     eval_set = CachedFeatures([features.to(device)], labels.to(device))
-    train_views: list[torch.Tensor] = []
-    train_labels: torch.Tensor | None = None
-    train_fingerprint = source.fingerprint("train")
-    for view in _views_to_cache(source, training.cache_views, training.epochs):
-        key = FeatureKey(data=train_fingerprint, view=view, seed=None if view is None else training.seed, **common)
-        name = "train" if view is None else f"train view {view}"
-        features, labels = extraction.features(
-            key, lambda v=view: source.loader("train", v), training.seed + 1000 * (view or 0), name
-        )
-        if train_labels is not None and not torch.equal(labels, train_labels.cpu()):
-            raise HfTransferError("The augmented views came back in different orders; the feature loader must not shuffle.")
-        train_labels = labels.to(device)
-        train_views.append(features.to(device))
+    views = _views_to_cache(source, training.cache_views, training.epochs)
+    train_views, train_labels = cached_training_features(recipe, plan, accelerator, extraction, views)
     train_set = CachedFeatures(train_views, train_labels)
     augmentation = ""
     if source.augmented:
@@ -262,6 +272,8 @@ def cached_plan(recipe: Recipe, plan: Plan, accelerator: Accelerator) -> Plan | 
     reason = unsupported_reason(plan.model, recipe.strategy)
     if reason is None and plan.feature_source is None:
         reason = f"the {recipe.task} task does not provide features"
+    if reason is None and any(callback.mixes_inputs for callback in plan.callbacks):
+        reason = "mixup / cutmix blend the training images, and cached features cannot be blended"
     if reason is None:
         plan.model.to(accelerator.device)
         probe = plan.feature_source.loader("validation", None)

@@ -208,6 +208,7 @@ class ExampleFeatures:
 
 
 @torch.no_grad()
+@torch.no_grad()  # a backbone being fine-tuned has gradients on; features never need them
 def extract_features(
     model: nn.Module, loader: DataLoader, device: torch.device, autocast: Callable,
     known: ExampleFeatures | None = None, desc: str = "features",

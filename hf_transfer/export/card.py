@@ -78,6 +78,14 @@ def _solver_text(summary: dict[str, Any]) -> str:
     return f"; fitted to convergence on the cached features as a logistic regression (L2 strength C={solver['C']:.3g}, {chosen})"
 
 
+def _head_first_text(summary: dict[str, Any]) -> str:
+    fit = summary.get("head_first")
+    if not fit:
+        return ""
+    return (f"; fitted first on the frozen backbone's features as a logistic regression (C={fit['C']:.3g}, validation "
+            f"accuracy {fit['accuracy']:.4f}), then fine-tuned with the backbone")
+
+
 def _head_text(recipe: Recipe, classes: int, summary: dict[str, Any]) -> str:
     if recipe.task == "text" and _mean_pooled(summary):
         return (f"a linear layer on the mean of the encoder's last hidden states (the features a sentence "
@@ -226,7 +234,7 @@ def card_values(recipe: Recipe, summary: dict[str, Any], folder: Path, repo_id: 
            "package does not state; check it before you publish)" if summary.get("source_weights_package") else ""),
         "strategy": get_strategy(recipe.strategy).describe(recipe.strategy),
         "trainable": f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)",
-        "head": _head_text(recipe, len(labels), summary) + _solver_text(summary),
+        "head": _head_text(recipe, len(labels), summary) + _solver_text(summary) + _head_first_text(summary),
         "training": (
             f"{t.epochs} epochs, batch {t.batch_size} x {processes} process(es) x {t.gradient_accumulation_steps} "
             f"accumulation, {t.optimizer} lr {t.lr:g}, {t.scheduler} schedule (warmup {t.warmup_ratio:g}), "

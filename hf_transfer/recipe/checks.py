@@ -138,7 +138,40 @@ def validate(recipe: Recipe) -> None:
     for section in (recipe.data, recipe.training, recipe.output):
         section.check()
     validate_head(recipe)
+    validate_mixing(recipe)
+    validate_head_first(recipe)
     validate_adaptation(recipe)
+
+
+def validate_mixing(recipe: Recipe) -> None:
+    augment = recipe.data.augment
+    if (augment.mixup or augment.cutmix) and recipe.task != "image":
+        raise HfTransferError(
+            f"data.augment.mixup / cutmix blend images; task {recipe.task} has none: set them to 0."
+        )
+    if (augment.mixup or augment.cutmix) and recipe.adaptation.target_path:
+        raise HfTransferError("Domain adaptation trains on frozen features, which cannot be blended; set "
+                              "data.augment.mixup and cutmix to 0.")
+    if (augment.mixup or augment.cutmix) and recipe.training.cache_features is True:
+        raise HfTransferError("data.augment.mixup / cutmix blend the images, so cached features cannot stand in for "
+                              "them; set training.cache_features auto (or false), or mixup and cutmix to 0.")
+
+
+def validate_head_first(recipe: Recipe) -> None:
+    """strategy.head_first on where it cannot apply: refused before anything is written."""
+    if recipe.strategy.head_first != "on":
+        return
+    reasons = {
+        f"strategy {recipe.strategy.name} trains only the head": recipe.strategy.name == "freeze_backbone",
+        "strategy lora wraps the head in an adapter": recipe.strategy.name == "lora",
+        f"head.type {recipe.head.type} is not one linear layer": recipe.head.type != "linear",
+        "training.cache_features is false": recipe.training.cache_features is False,
+        "domain adaptation trains on frozen features": bool(recipe.adaptation.target_path),
+        "a two-tower model has no single head": recipe.task == "multimodal",
+    }
+    reason = next((reason for reason, applies in reasons.items() if applies), None)
+    if reason:
+        raise HfTransferError(f"strategy.head_first is on, but {reason}; set strategy.head_first auto or off.")
 
 
 def validate_head(recipe: Recipe) -> None:

@@ -17,53 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from hf_transfer.errors import HfTransferError
-
-
-@dataclass(frozen=True)
-class Range:
-    """The values a number may take: bounds included (`at_least`, `at_most`) or excluded (`above`, `below`).
-
-    NaN and infinities fall outside every range with a bound, so they are refused too.
-    """
-
-    at_least: float | None = None
-    above: float | None = None
-    at_most: float | None = None
-    below: float | None = None
-
-    def holds(self, value: float) -> bool:
-        checks = (
-            (self.at_least, lambda b: value >= b), (self.above, lambda b: value > b),
-            (self.at_most, lambda b: value <= b), (self.below, lambda b: value < b),
-        )
-        return all(test(bound) for bound, test in checks if bound is not None) and math.isfinite(value)
-
-    def describe(self) -> str:
-        low = ("at least", self.at_least) if self.at_least is not None else ("more than", self.above)
-        high = ("at most", self.at_most) if self.at_most is not None else ("less than", self.below)
-        if low[1] is not None and high[1] is not None:
-            ends = {(True, True): "both included", (False, False): "both excluded",
-                    (True, False): f"{low[1]:g} included, {high[1]:g} excluded",
-                    (False, True): f"{low[1]:g} excluded, {high[1]:g} included"}
-            closed = (self.at_least is not None, self.at_most is not None)
-            return f"lie between {low[1]:g} and {high[1]:g} ({ends[closed]})"
-        word, bound = low if low[1] is not None else high
-        return f"be {word} {bound:g}"
-
-    def check(self, key: str, value: Any) -> None:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not self.holds(value):
-            raise HfTransferError(f"{key} must {self.describe()}; got {value!r}. Fix the value.")
-
-
-def _f(default: Any, help: str, **bounds: float) -> Any:
-    """A dataclass field with its help text and, for numbers, the range it must lie in (see `Range`).
-
-    Mutable defaults are copied per instance.
-    """
-    metadata = {"help": help, "range": Range(**bounds) if bounds else None}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
+from hf_transfer.recipe.fields import _f
 
 
 @dataclass
@@ -95,6 +49,16 @@ class AugmentConfig:
         "or 'trivialaugment' (torchvision's TrivialAugmentWide); null for none.",
     )
     re_prob: float = _f(0.0, "Probability of random erasing (a random box replaced by noise).", at_least=0, at_most=1)
+    mixup: float = _f(
+        0.0, "Mixup alpha: each training batch is blended with itself reversed, images and labels by one Beta(alpha, "
+        "alpha) weight (timm's Mixup); 0 turns it off. It turns the frozen-feature cache off (cached features cannot "
+        "be mixed).", at_least=0,
+    )
+    cutmix: float = _f(
+        0.0, "CutMix alpha: a box of the reversed batch is pasted in, labels mixed by its area; 0 turns it off. With "
+        "mixup too, each mixed batch uses one of the two, at random.", at_least=0,
+    )
+    mix_prob: float = _f(1.0, "Probability that a training batch is mixed when mixup or cutmix is on.", at_least=0, at_most=1)
 
     def check(self) -> None:
         for key, values, upper in (("scale", self.scale, 1.0), ("ratio", self.ratio, None)):
@@ -151,6 +115,14 @@ class StrategyConfig:
     unfreeze_every: int = _f(1, "gradual_unfreeze: epochs between unfreezing the next block (top down).", at_least=1)
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA settings (strategy lora)."})
     merge_lora: bool = _f(False, "lora: also save a merged full model under OUTPUT/merged.")
+    head_first: Literal["auto", "on", "off"] = _f(
+        "auto",
+        "partial, full, gradual_unfreeze: fit the head before the backbone moves, as a logistic regression on the "
+        "frozen backbone's cached features (the head.solver fit), so fine-tuning starts from the linear probe instead "
+        "of a zero head (linear probing then fine-tuning, LP-FT; fastai's fine_tune trains the head first too). "
+        "auto: wherever the head is one linear layer and the frozen-feature cache can serve the task; on: the same, "
+        "an error where it cannot; off: the head starts at zero.",
+    )
 
 
 @dataclass

@@ -18,6 +18,7 @@ from hf_transfer.export.layout import CONFIG_FILE, HEAD_INFO_FILE, MERGED_DIR
 from hf_transfer.recipe import Recipe
 from hf_transfer.sources.vision import VisionClassifier, load_vision_model, model_data_config
 from hf_transfer.strategies import apply_strategy, get_strategy, merged_copy
+from hf_transfer.training.mixing import BatchMixing, mixing_requested
 from hf_transfer.training.plan import Plan
 
 EVAL_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
@@ -86,6 +87,8 @@ def build_image_task(recipe: Recipe) -> Plan:
     train_transform, eval_transform = image_transforms(data_config, data.augment)
     eval_set = with_transform(splits.validation, eval_transform, data.image_column)
     callbacks = apply_strategy(model, recipe.strategy)
+    if mixing_requested(data.augment):
+        callbacks.append(BatchMixing(data.augment, len(splits.label_names), seed))
 
     def feature_loader(split: str, view: int | None):
         # dataset order; view None: the eval transform, view k: the training augmentation

@@ -141,6 +141,8 @@ def train(
             loop.restart_clock()
             epoch_started = time.perf_counter()
             for batch in batches:
+                for callback in callbacks:
+                    batch = callback.on_batch(loop, batch)
                 with accelerator.accumulate(model):
                     loss = step(batch)
                 state.samples += len(batch["labels"]) * accelerator.num_processes

@@ -29,16 +29,22 @@ class Callback:
 
     `unfreezes_parameters`: parameters frozen now may train later (the optimiser must hold them).
     `cuda_graphs_blocker`: why steps cannot be replayed as CUDA graphs while this callback runs.
+    `mixes_inputs`: it changes the model's inputs, so the frozen-feature cache cannot serve the run.
     """
 
     unfreezes_parameters: bool = False
     cuda_graphs_blocker: str | None = None
+    mixes_inputs: bool = False  # changes the model's inputs (mixup), which cached features cannot stand in for
 
     def on_train_begin(self, loop: Loop) -> None:
         """Before the first epoch (a resumed run restores its state here)."""
 
     def on_epoch_begin(self, loop: Loop, epoch: int) -> None:
         """At the start of each epoch, before the model is put in train mode."""
+
+    def on_batch(self, loop: Loop, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A training batch before its step: return it, changed or not (mixup blends inputs and labels)."""
+        return batch
 
     def extra_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], progress: float) -> torch.Tensor | None:
         """A loss added to the task loss this step; `progress` is the share of training done, in [0, 1]."""

@@ -1,0 +1,111 @@
+"""Fine-tuning that starts from the linear probe: the head is fitted on frozen features before the backbone moves.
+
+A new head starts at zero, so the first fine-tuning steps push uninformed gradients into the
+pretrained backbone while the head is still learning what the features mean; on a small data set
+the features are distorted before the head is any good (Kumar et al., ICLR 2022, "Fine-Tuning can
+Distort Pretrained Features and Underperform Out-of-Distribution": linear probing, then fine-tuning,
+LP-FT). fastai's `fine_tune` trains the head alone for an epoch first for the same reason. Here the
+head is fitted to convergence by the solver (solver.py) on the frozen backbone's cached features,
+which costs one pass over the training images (read from the store if a frozen run cached them),
+and the loop then fine-tunes from there as the strategy says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from hf_transfer.cache.head import (
+    FeatureExtraction,
+    cached_training_features,
+    feature_cache_dir,
+    head_reproduces_model,
+)
+from hf_transfer.cache.solver import LogisticFit, fit_logistic_head
+from hf_transfer.cache.store import FeatureStore
+from hf_transfer.console import say
+from hf_transfer.errors import HfTransferError
+from hf_transfer.recipe import Recipe, TrainingConfig
+from hf_transfer.strategies import get_strategy
+from hf_transfer.training.loop import TrainResult, train
+from hf_transfer.training.metrics import evaluate
+from hf_transfer.training.optim import class_weights
+from hf_transfer.training.plan import Callback, Plan
+
+
+def head_first_blocker(recipe: Recipe, plan: Plan) -> str | None:
+    """Why the head cannot be fitted first in this run, or None when it can."""
+    strategy, model = get_strategy(recipe.strategy), plan.model
+    if not strategy.trains_backbone:
+        return f"strategy {recipe.strategy.name} keeps the backbone frozen (the head is all that trains)"
+    if strategy.saves_adapter:
+        return f"strategy {recipe.strategy.name} wraps the head in an adapter"
+    if recipe.training.cache_features is False:
+        return "training.cache_features is false"
+    if plan.feature_source is None:
+        return f"the {recipe.task} task does not provide features"
+    if len(model.head_modules) != 1:
+        return f"the head is {len(model.head_modules)} modules, not one"
+    head = model.model.get_submodule(model.head_modules[0])
+    if not isinstance(head, nn.Linear):
+        return f"the head is a {type(head).__name__}, not one linear layer"
+    return None
+
+
+class HeadFirstTrainer:
+    """Fits the plan's head on cached frozen features, scores it, then trains the plan in the loop."""
+
+    def __init__(self, views: Sequence[torch.Tensor], labels: torch.Tensor):
+        self.views, self.labels = views, labels
+        self.fit: LogisticFit | None = None
+        self.head_accuracy: float | None = None
+
+    def __call__(self, plan: Plan, config: TrainingConfig, accelerator: Accelerator, run_dir: Path,
+                 callbacks: Sequence[Callback] = ()) -> TrainResult:
+        model = plan.model
+        head = model.model.get_submodule(model.head_modules[0])
+        weights = class_weights(config.class_weights, plan.train_labels, len(plan.label_names))
+        self.fit = fit_logistic_head(head, self.views, self.labels, weights, config.seed)
+        # the probe's own score, so the card can say what fine-tuning added to it
+        metrics = evaluate(model.to(accelerator.device), accelerator.prepare(plan.eval_loader), accelerator,
+                           plan.label_names, ())
+        self.head_accuracy = float(metrics["accuracy"])
+        say(accelerator, f"head fitted first on frozen features in {self.fit.seconds:.1f} s (C={self.fit.C:g}): "
+                         f"validation accuracy {self.head_accuracy:.4f} before the backbone trains")
+        return train(plan, config, accelerator, run_dir, callbacks)
+
+    def summary(self, cache_report: dict[str, list[str]]) -> dict[str, Any]:
+        if self.fit is None:
+            return {"head_first": None}
+        return {"head_first": self.fit.as_record() | {"accuracy": self.head_accuracy, "feature_cache": cache_report}}
+
+
+def head_first_plan(recipe: Recipe, plan: Plan, accelerator: Accelerator) -> Plan | None:
+    """The plan with a trainer that fits its head first (strategy.head_first), or None where it does not apply."""
+    setting = recipe.strategy.head_first
+    if setting == "off" or not get_strategy(recipe.strategy).trains_backbone:
+        return None
+    reason = head_first_blocker(recipe, plan)
+    if reason is None:
+        plan.model.to(accelerator.device)
+        probe = plan.feature_source.loader("validation", None)
+        if not head_reproduces_model(plan.model, probe, accelerator.device, accelerator.autocast):
+            reason = "the head on the model's features does not reproduce the model's logits"
+    if reason is not None:
+        if setting == "on":
+            raise HfTransferError(f"strategy.head_first is on, but {reason}. Set strategy.head_first auto or off.")
+        say(accelerator, f"head not fitted first: {reason}")
+        return None
+    extraction = FeatureExtraction(plan.model, FeatureStore(feature_cache_dir(recipe)), accelerator)
+    views, labels = cached_training_features(recipe, plan, accelerator, extraction, [None])
+    trainer = HeadFirstTrainer(views, labels)
+    report = {"hits": extraction.hits, "computed": extraction.misses}
+    return dataclasses.replace(
+        plan, trainer=trainer, summary=lambda accelerator: plan.summary(accelerator) | trainer.summary(report)
+    )
