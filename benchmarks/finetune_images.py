@@ -29,10 +29,10 @@ IMAGE_SETS = [name for name, (recipe, _, _) in SETS.items() if recipe == "effnet
 FINE_TUNE = ["strategy.name=full", "training.epochs=5"]
 CONFIGS = {
     "frozen": ["strategy.name=freeze_backbone"],
-    "full": [*FINE_TUNE, "strategy.head_first=off"],
-    "full_head_first": [*FINE_TUNE, "strategy.head_first=on"],
-    "full_head_first_ema_ld": [*FINE_TUNE, "strategy.head_first=on", "training.ema_decay=0.99", "training.layer_decay=0.75"],
-    "full_head_first_mix": [*FINE_TUNE, "strategy.head_first=on", "data.augment.mixup=0.2", "data.augment.cutmix=1.0"],
+    "full": [*FINE_TUNE, "strategy.head_first=false"],
+    "full_head_first": [*FINE_TUNE, "strategy.head_first=true"],
+    "full_head_first_ema_ld": [*FINE_TUNE, "strategy.head_first=true", "training.ema_decay=0.99", "training.layer_decay=0.75"],
+    "full_head_first_mix": [*FINE_TUNE, "strategy.head_first=true", "data.augment.mixup=0.2", "data.augment.cutmix=1.0"],
 }
 
 

@@ -51,8 +51,8 @@ def test_ema_weights_are_evaluated_and_saved_not_the_live_ones(tiny_bert_dir, ke
 def test_head_first_starts_fine_tuning_from_the_fitted_probe(tiny_bert_dir, keyword_data, tmp_path):
     # a learning rate too small to move anything: what the run ends with is where fine-tuning started
     still = {"epochs": 1, "lr": 1e-12, "warmup_ratio": 0.0}
-    fitted = train(tiny_bert_dir, keyword_data, tmp_path / "first", strategy={"name": "full", "head_first": "on"}, training=still)
-    plain = train(tiny_bert_dir, keyword_data, tmp_path / "plain", strategy={"name": "full", "head_first": "off"}, training=still)
+    fitted = train(tiny_bert_dir, keyword_data, tmp_path / "first", strategy={"name": "full", "head_first": True}, training=still)
+    plain = train(tiny_bert_dir, keyword_data, tmp_path / "plain", strategy={"name": "full", "head_first": False}, training=still)
 
     record = fitted["head_first"]
     assert record["cv_folds"] == 5 and record["feature_cache"]["computed"] == ["train"]
@@ -63,11 +63,11 @@ def test_head_first_starts_fine_tuning_from_the_fitted_probe(tiny_bert_dir, keyw
     assert "fitted first on the frozen backbone's features" in card
 
 
-def test_head_first_on_where_it_cannot_apply_is_one_clear_error(tiny_bert_dir, keyword_data, tmp_path):
+def test_head_first_true_where_it_cannot_apply_is_one_clear_error(tiny_bert_dir, keyword_data, tmp_path):
     from hf_transfer.errors import HfTransferError
 
-    with pytest.raises(HfTransferError, match="strategy.head_first is on, but strategy lora wraps the head"):
-        train(tiny_bert_dir, keyword_data, tmp_path / "out", strategy={"name": "lora", "head_first": "on"})
+    with pytest.raises(HfTransferError, match="strategy.head_first is true, but strategy lora wraps the head"):
+        train(tiny_bert_dir, keyword_data, tmp_path / "out", strategy={"name": "lora", "head_first": True})
     assert not (tmp_path / "out").exists()
 
 

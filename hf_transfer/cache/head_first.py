@@ -89,7 +89,7 @@ class HeadFirstTrainer:
 def head_first_plan(recipe: Recipe, plan: Plan, accelerator: Accelerator) -> Plan | None:
     """The plan with a trainer that fits its head first (strategy.head_first), or None where it does not apply."""
     setting = recipe.strategy.head_first
-    if setting == "off" or not get_strategy(recipe.strategy).trains_backbone:
+    if setting is False or not get_strategy(recipe.strategy).trains_backbone:
         return None
     reason = head_first_blocker(recipe, plan)
     if reason is None:
@@ -98,8 +98,8 @@ def head_first_plan(recipe: Recipe, plan: Plan, accelerator: Accelerator) -> Pla
         if not head_reproduces_model(plan.model, probe, accelerator.device, accelerator.autocast):
             reason = "the head on the model's features does not reproduce the model's logits"
     if reason is not None:
-        if setting == "on":
-            raise HfTransferError(f"strategy.head_first is on, but {reason}. Set strategy.head_first auto or off.")
+        if setting is True:
+            raise HfTransferError(f"strategy.head_first is true, but {reason}. Set strategy.head_first auto or false.")
         say(accelerator, f"head not fitted first: {reason}")
         return None
     extraction = FeatureExtraction(plan.model, FeatureStore(feature_cache_dir(recipe)), accelerator)

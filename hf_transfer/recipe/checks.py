@@ -158,8 +158,8 @@ def validate_mixing(recipe: Recipe) -> None:
 
 
 def validate_head_first(recipe: Recipe) -> None:
-    """strategy.head_first on where it cannot apply: refused before anything is written."""
-    if recipe.strategy.head_first != "on":
+    """strategy.head_first true where it cannot apply: refused before anything is written."""
+    if recipe.strategy.head_first is not True:
         return
     reasons = {
         f"strategy {recipe.strategy.name} trains only the head": recipe.strategy.name == "freeze_backbone",
@@ -171,7 +171,7 @@ def validate_head_first(recipe: Recipe) -> None:
     }
     reason = next((reason for reason, applies in reasons.items() if applies), None)
     if reason:
-        raise HfTransferError(f"strategy.head_first is on, but {reason}; set strategy.head_first auto or off.")
+        raise HfTransferError(f"strategy.head_first is true, but {reason}; set strategy.head_first auto or false.")
 
 
 def validate_head(recipe: Recipe) -> None:
