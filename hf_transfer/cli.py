@@ -1,4 +1,4 @@
-"""Command-line entry points: `hf-transfer train ...`, `hf-transfer predict ...` (scripts/ are the same).
+"""Command-line entry points: `hf-transfer train ...`, `hf-transfer rank ...`, ... (scripts/ are the same).
 
 User mistakes end with one line on stderr and exit status 2, never a stack trace.
 """
@@ -58,6 +58,43 @@ def train_command(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe, overrides)
     args.run_folder = recipe.output_dir  # for the message an interrupted run ends with
     run_training(recipe, resume=args.resume)
+
+
+def _add_rank(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser(
+        "rank", parents=[CONSOLE_FLAGS],
+        help="Rank candidate source models on the recipe's data by transferability scores, before training any.",
+    )
+    parser.add_argument("--recipe", required=True,
+                        help="Recipe name (in recipes/) or path to a YAML file: its task, data and settings.")
+    parser.add_argument(
+        "--candidates", nargs="+", metavar="MODEL",
+        help="Source models to compare (Hub ids, local folders, timm names); default: the recipe's rank.candidates.",
+    )
+    parser.add_argument(
+        "--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+        help="Override recipe keys, dotted, values read as YAML: --set rank.score=probe_accuracy",
+    )
+    parser.add_argument("--output-dir",
+                        help="Folder for ranking.json and the feature cache (default runs/<recipe>-rank).")
+    parser.add_argument("--overwrite", action="store_true", help="Allow writing into a non-empty output folder.")
+
+
+def rank_command(args: argparse.Namespace) -> None:
+    import shlex
+    from pathlib import Path
+
+    from hf_transfer.recipe import load_recipe
+    from hf_transfer.selection.rank import rank_models, ranking_table
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    ranking = rank_models(recipe, args.candidates, Path(args.output_dir) if args.output_dir else None,
+                          overwrite=args.overwrite or recipe.output.overwrite)
+    print(ranking_table(ranking))
+    if ranking["winner"] is not None:  # the features are cached: this train run computes none again
+        settings = [*args.overrides, f"model.name={ranking['winner']}", "strategy.name=freeze_backbone",
+                    f"training.feature_cache_dir={ranking['feature_cache_dir']}"]
+        print("train it: " + shlex.join(["hf-transfer", "train", "--recipe", args.recipe, "--set", *settings]))
 
 
 def _add_push(subcommands: argparse._SubParsersAction) -> None:
@@ -176,6 +213,7 @@ COMMANDS = {
     "evaluate": evaluate_command,
     "push": push_command,
     "recipes": recipes_command,
+    "rank": rank_command,
 }
 
 
@@ -190,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(subcommands)
     _add_push(subcommands)
     _add_recipes(subcommands)
+    _add_rank(subcommands)
     return parser
 
 

@@ -12,10 +12,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hf_transfer"
 # Each stage may import itself and the stages before it, never one after it. The order is the
 # data's: a recipe names a source, data and a strategy; the loop trains the plan a task builds; the
 # cache and domain adaptation turn a task's plan into another plan; export lays out the output
-# folder that tasks write into and inference reads from; run and the CLI sit on top of everything.
+# folder that tasks write into and inference reads from; selection scores source models through the
+# tasks' plans and the cache; run and the CLI sit on top of everything.
 STAGES = [
     "errors", "console", "recipe", "sources", "data", "training", "strategies", "cache", "export", "tasks",
-    "adaptation", "inference", "run", "launch", "cli",
+    "adaptation", "selection", "inference", "run", "launch", "cli",
     "adapted_model", "multimodal", "predict",  # import paths pushed cards name: thin re-exports
 ]
 MAX_LINES = 400

@@ -124,9 +124,9 @@ def test_readme_examples_parse_and_name_real_recipes_and_keys(capsys):
     assert len(commands) >= 8
     for words in commands:
         args = build_parser().parse_args(words)  # a wrong option would exit here
-        if args.command == "train":
-            overrides = list(args.overrides) + ([f"output.dir={args.output_dir}"] if args.output_dir else [])
-            load_recipe(args.recipe, overrides)  # the recipe exists and every --set key and value is valid
+        if args.command in ("train", "rank"):
+            output = [f"output.dir={args.output_dir}"] if args.command == "train" and args.output_dir else []
+            load_recipe(args.recipe, list(args.overrides) + output)  # the recipe exists, every --set key and value is valid
         if args.command == "evaluate":
             from hf_transfer.recipe import parse_overrides, recipe_from_dict
 

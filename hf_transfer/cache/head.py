@@ -264,6 +264,24 @@ def head_only_plan(recipe: Recipe, plan: Plan, accelerator: Accelerator) -> Plan
     )
 
 
+def split_features(recipe: Recipe, model: TransferModel, source: FeatureSource, accelerator: Accelerator
+                   ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, list[str]]]:
+    """The frozen features and labels of the unaugmented train and validation splits, read from the
+    store or computed into it, and which were hits ({"hits": [...], "computed": [...]}).
+
+    Stored under the very keys `head_only_plan` reads (train: view None), so a later freeze_backbone
+    run of the same recipe and model with the same feature cache folder computes nothing again.
+    """
+    model.to(accelerator.device)
+    extraction = FeatureExtraction(model, FeatureStore(feature_cache_dir(recipe)), accelerator)
+    common = model_key_fields(recipe.model.name, model, source.preprocessing, accelerator.mixed_precision)
+    features = {}
+    for split in ("train", "validation"):
+        key = FeatureKey(data=source.fingerprint(split), **common)
+        features[split] = extraction.features(key, lambda s=split: source.loader(s, None), recipe.training.seed, split)
+    return features, {"hits": extraction.hits, "computed": extraction.misses}
+
+
 def cached_plan(recipe: Recipe, plan: Plan, accelerator: Accelerator) -> Plan | None:
     """The head on cached frozen features when the recipe allows it (training.cache_features), else None."""
     setting = recipe.training.cache_features

@@ -18,6 +18,7 @@ from hf_transfer.recipe.schema import (
     ModelConfig,
     MultimodalConfig,
     OutputConfig,
+    RankConfig,
     Recipe,
     StrategyConfig,
     TrainingConfig,
@@ -26,7 +27,7 @@ from hf_transfer.recipe.schema import (
 
 __all__ = [
     "AdaptationConfig", "AugmentConfig", "DataConfig", "HeadConfig", "LoraConfig", "ModelConfig",
-    "MultimodalConfig", "OutputConfig", "PACKAGE_RECIPES_DIR", "Recipe", "StrategyConfig", "TrainingConfig",
-    "available_recipes", "check_repo_id", "find_recipe", "load_recipe", "merge_values", "parse_overrides",
+    "MultimodalConfig", "OutputConfig", "PACKAGE_RECIPES_DIR", "RankConfig", "Recipe", "StrategyConfig",
+    "TrainingConfig", "available_recipes", "check_repo_id", "find_recipe", "load_recipe", "merge_values", "parse_overrides",
     "recipe_from_dict", "unknown_key_error", "validate",
 ]

@@ -1,4 +1,4 @@
-"""Recipe fields: a default, a help text and, for numbers, the range a value must lie in."""
+"""The schema's field helper: a dataclass field with its help text and the range a number must lie in."""
 
 from __future__ import annotations
 

@@ -287,6 +287,24 @@ class TrainingConfig:
 
 
 @dataclass
+class RankConfig:
+    """`hf-transfer rank`: which source models to compare on the recipe's data, and by which score."""
+
+    candidates: list[str] = _f(
+        [], "Source models `hf-transfer rank` compares, named as model.name takes them (Hub id, local folder, timm "
+        "name), all of the recipe's task; --candidates replaces this list."
+    )
+    score: Literal["logme", "hscore", "probe_accuracy", "knn_accuracy"] = _f(
+        "logme",
+        "The score `hf-transfer rank` names its winner by (the highest wins). logme: the evidence of a Bayesian "
+        "linear model on the frozen training features (You et al. 2021), no validation split, nothing to tune; "
+        "hscore: tr(cov(f)^-1 cov(E[f|y])) on the training features (Bao et al. 2019); probe_accuracy: validation "
+        "accuracy of the logistic-regression head that train fits on these features; knn_accuracy: validation "
+        "accuracy of a 5-nearest-neighbour vote (cosine).",
+    )
+
+
+@dataclass
 class OutputConfig:
     dir: str | None = _f(None, "Output folder; default runs/<recipe name>.")
     overwrite: bool = _f(False, "Allow writing into a non-empty output folder.")
@@ -329,6 +347,9 @@ class Recipe:
         default_factory=MultimodalConfig, metadata={"help": "Task multimodal: the two towers and their fusion."}
     )
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "The training loop."})
+    rank: RankConfig = field(
+        default_factory=RankConfig, metadata={"help": "hf-transfer rank: the candidate source models and the score."}
+    )
     output: OutputConfig = field(default_factory=OutputConfig, metadata={"help": "Where results go."})
 
     def to_dict(self) -> dict[str, Any]:

@@ -43,7 +43,7 @@ BEST_WEIGHTS_FILE = "best_weights.safetensors"
 # and writes, not what it computes. Every other key must match, or a resumed run would silently mix
 # two runs (a new learning rate in recipe.yaml and the card while the schedule keeps the old one).
 MAY_CHANGE = (
-    "name", "description", "output.",
+    "name", "description", "output.", "rank.",  # rank: read by `hf-transfer rank` only
     *(f"training.{key}" for key in (
         "logging_steps", "num_workers", "eval_batch_size", "save_checkpoints", "checkpoint_every_steps",
         "feature_cache_dir", "report_to",
