@@ -31,6 +31,10 @@ CONFIGS = {
     "frozen": ["strategy.name=freeze_backbone"],
     "full": [*FINE_TUNE, "strategy.head_first=false"],
     "full_head_first": [*FINE_TUNE, "strategy.head_first=true"],
+    # the pretrained weights move less: the head is already fitted, so fine-tuning only has to adjust
+    "full_head_first_slow": [*FINE_TUNE, "strategy.head_first=true", "training.lr=1e-4", "training.backbone_lr=2e-5"],
+    "full_head_first_slow_ema": [*FINE_TUNE, "strategy.head_first=true", "training.lr=1e-4", "training.backbone_lr=2e-5",
+                                 "training.ema_decay=0.99"],
     "full_head_first_ema_ld": [*FINE_TUNE, "strategy.head_first=true", "training.ema_decay=0.99", "training.layer_decay=0.75"],
     "full_head_first_mix": [*FINE_TUNE, "strategy.head_first=true", "data.augment.mixup=0.2", "data.augment.cutmix=1.0"],
 }

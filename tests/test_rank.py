@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import NEGATIVE, POSITIVE, WORDS
+from test_safety import fails_cleanly
 
 from hf_transfer.cli import main
 from hf_transfer.selection.scores import hscore, knn_accuracy, log_evidence, logme
@@ -171,15 +172,6 @@ def test_a_candidate_that_cannot_load_is_reported_and_the_others_ranked(tiny_ber
                    "--candidates", str(missing)], capsys,
                   f"No candidate could be ranked ({missing}: cannot load: Cannot load text model")
     assert not (tmp_path / "none").exists()
-
-
-def fails_cleanly(argv: list[str], capsys: pytest.CaptureFixture, expected: str) -> None:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("hf-transfer: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert expected in lines[0], lines[0]
 
 
 def test_mistakes_are_one_line_before_anything_is_loaded_or_written(tiny_bert_dir, keyword_data, tmp_path, capsys,

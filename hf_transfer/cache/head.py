@@ -166,6 +166,15 @@ def head_reproduces_model(model: TransferModel, loader: DataLoader, device: torc
     return torch.allclose(from_features, expected, rtol=1e-2, atol=1e-2 * float(expected.abs().max()) + 1e-5)
 
 
+def logits_mismatch(plan: Plan, accelerator: Accelerator) -> str | None:
+    """Why the head on cached features cannot stand in for the plan's model, or None when it reproduces its logits."""
+    plan.model.to(accelerator.device)
+    probe = plan.feature_source.loader("validation", None)
+    if head_reproduces_model(plan.model, probe, accelerator.device, accelerator.autocast):
+        return None
+    return "the head on the model's features does not reproduce the model's logits"
+
+
 def _views_to_cache(source: FeatureSource, requested: int, epochs: int) -> list[int | None]:
     if not source.augmented or requested <= 1:
         return [None]
@@ -293,10 +302,7 @@ def cached_plan(recipe: Recipe, plan: Plan, accelerator: Accelerator) -> Plan | 
     if reason is None and any(callback.mixes_inputs for callback in plan.callbacks):
         reason = "mixup / cutmix blend the training images, and cached features cannot be blended"
     if reason is None:
-        plan.model.to(accelerator.device)
-        probe = plan.feature_source.loader("validation", None)
-        if not head_reproduces_model(plan.model, probe, accelerator.device, accelerator.autocast):
-            reason = "the head on the model's features does not reproduce the model's logits"
+        reason = logits_mismatch(plan, accelerator)
     if reason is not None:
         if setting is True:
             raise HfTransferError(f"training.cache_features is true, but {reason}. Set it to auto or false.")

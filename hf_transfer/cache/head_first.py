@@ -25,7 +25,7 @@ from hf_transfer.cache.head import (
     FeatureExtraction,
     cached_training_features,
     feature_cache_dir,
-    head_reproduces_model,
+    logits_mismatch,
 )
 from hf_transfer.cache.solver import LogisticFit, fit_logistic_head
 from hf_transfer.cache.store import FeatureStore
@@ -93,10 +93,7 @@ def head_first_plan(recipe: Recipe, plan: Plan, accelerator: Accelerator) -> Pla
         return None
     reason = head_first_blocker(recipe, plan)
     if reason is None:
-        plan.model.to(accelerator.device)
-        probe = plan.feature_source.loader("validation", None)
-        if not head_reproduces_model(plan.model, probe, accelerator.device, accelerator.autocast):
-            reason = "the head on the model's features does not reproduce the model's logits"
+        reason = logits_mismatch(plan, accelerator)
     if reason is not None:
         if setting is True:
             raise HfTransferError(f"strategy.head_first is true, but {reason}. Set strategy.head_first auto or false.")
