@@ -47,6 +47,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def train_command(args: argparse.Namespace) -> None:
+    from hf_transfer.ladder import run_ladder
     from hf_transfer.recipe import load_recipe
     from hf_transfer.run import run_training
 
@@ -57,7 +58,9 @@ def train_command(args: argparse.Namespace) -> None:
         overrides.append("output.overwrite=true")
     recipe = load_recipe(args.recipe, overrides)
     args.run_folder = recipe.output_dir  # for the message an interrupted run ends with
-    run_training(recipe, resume=args.resume)
+    # strategy auto is a search over strategies (ladder/); every other name is one strategy's run
+    run = run_ladder if recipe.strategy.name == "auto" else run_training
+    run(recipe, resume=args.resume)
 
 
 def _add_rank(subcommands: argparse._SubParsersAction) -> None:

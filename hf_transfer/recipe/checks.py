@@ -141,6 +141,7 @@ def validate(recipe: Recipe) -> None:
     validate_mixing(recipe)
     validate_head_first(recipe)
     validate_adaptation(recipe)
+    validate_auto_strategy(recipe)
 
 
 def validate_mixing(recipe: Recipe) -> None:
@@ -164,6 +165,8 @@ def validate_head_first(recipe: Recipe) -> None:
     reasons = {
         f"strategy {recipe.strategy.name} trains only the head": recipe.strategy.name == "freeze_backbone",
         "strategy lora wraps the head in an adapter": recipe.strategy.name == "lora",
+        "strategy auto also runs freeze_backbone and lora, where it cannot apply (auto fits it first in the "
+        "partial and full rungs)": recipe.strategy.name == "auto",
         f"head.type {recipe.head.type} is not one linear layer": recipe.head.type != "linear",
         "training.cache_features is false": recipe.training.cache_features is False,
         "domain adaptation trains on frozen features": bool(recipe.adaptation.target_path),
@@ -226,3 +229,27 @@ def validate_adaptation(recipe: Recipe) -> None:
         raise HfTransferError("adaptation.features mean applies to text models; use head_input for images.")
     if adaptation.tca_max_samples < 2 * adaptation.tca_components:
         raise HfTransferError("adaptation.tca_max_samples must be at least twice tca_components.")
+
+
+def validate_auto_strategy(recipe: Recipe) -> None:
+    """strategy auto (the ladder of strategies) and its time budget, where they cannot apply."""
+    multimodal = recipe.multimodal
+    towers = (multimodal.image_strategy, multimodal.text_strategy) if recipe.task == "multimodal" else ()
+    if recipe.task == "multimodal" and "auto" in [recipe.strategy.name] + [t.name for t in towers if t is not None]:
+        raise HfTransferError("strategy auto searches the strategies of one text or image model; for a two-tower "
+                              "model set strategy.name (or multimodal.image_strategy / text_strategy) to one "
+                              "strategy: freeze_backbone, lora, partial, full, ...")
+    if recipe.strategy.name != "auto":
+        if recipe.training.time_budget is not None:
+            raise HfTransferError(f"training.time_budget bounds the search of strategy auto; strategy "
+                                  f"{recipe.strategy.name} runs training.epochs. Set strategy.name auto or "
+                                  "training.time_budget null.")
+        return
+    if recipe.training.cache_features is True:
+        raise HfTransferError("training.cache_features true is an error wherever the cache cannot serve a run, and "
+                              "strategy auto's lora, partial and full rungs train the backbone; set it auto (the "
+                              "frozen rung uses the cache wherever it can) or false.")
+    if recipe.training.report_to:
+        raise HfTransferError("strategy auto trains several rungs, whose steps a tracker would mix up; set "
+                              "training.report_to null (each rung's log is OUTPUT/ladder/<strategy>/log.jsonl), "
+                              "or train the winner by name with report_to.")

@@ -108,8 +108,11 @@ class LoraConfig:
 
 @dataclass
 class StrategyConfig:
-    name: Literal["full", "freeze_backbone", "partial", "gradual_unfreeze", "lora"] = _f(
-        "full", "Which parameters train: everything, only the head, the top blocks, blocks unfrozen over epochs, or LoRA."
+    name: Literal["full", "freeze_backbone", "partial", "gradual_unfreeze", "lora", "auto"] = _f(
+        "full", "Which parameters train: everything, only the head, the top blocks, blocks unfrozen over epochs, or LoRA. "
+        "auto: a search, cheapest first (freeze_backbone with the solver, lora where the source has default LoRA "
+        "targets, partial, full), each rung with early stopping within training.time_budget; the best by "
+        "training.metric_for_best is saved, a tie (within half a validation example) going to the cheaper rung."
     )
     trainable_blocks: int = _f(2, "partial: how many of the top backbone blocks train with the head.", at_least=1)
     unfreeze_every: int = _f(1, "gradual_unfreeze: epochs between unfreezing the next block (top down).", at_least=1)
@@ -237,6 +240,11 @@ class TrainingConfig:
         "accuracy", "Validation metric that picks the best epoch (higher is better)."
     )
     early_stopping_patience: int | None = _f(None, "Stop after this many epochs without a better metric_for_best.", at_least=1)
+    time_budget: float | None = _f(
+        None, "strategy auto: seconds the search may spend training its rungs (null: no limit). The frozen head always "
+        "runs; a later rung whose estimated time does not fit what is left is skipped, and a rung stops after the "
+        "epoch past which the next one would not fit.", above=0,
+    )
     class_weights: str | list[float] | None = _f(None, "Loss weight per class: a list, 'auto' (inverse frequency), or null.")
     label_smoothing: float = _f(0.0, "Label smoothing of the cross-entropy loss.", at_least=0, below=1)
     logging_steps: int = _f(10, "Log loss and learning rate every this many optimiser steps.", at_least=1)

@@ -43,6 +43,11 @@ class TransferModel(nn.Module):
         """Pooled backbone features, the head's input: shape (batch, feature_dim)."""
         raise NotImplementedError
 
+    @property
+    def has_default_lora_targets(self) -> bool:
+        """Whether strategy lora finds modules to adapt without strategy.lora.target_modules."""
+        return self.lora_targets is not None
+
     def is_head_parameter(self, name: str) -> bool:
         # peft keeps a trainable copy of each head module under `modules_to_save`
         return "modules_to_save" in name or any(name.startswith(p) for p in self.head_prefixes)

@@ -112,6 +112,15 @@ class TextClassifier(TransferModel):
             backbone_names, [f"model.{stack_name}.{i}." for i in range(len(stack))], input_side="embed"
         )
 
+    @property
+    def has_default_lora_targets(self) -> bool:
+        from peft.utils import (
+            TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS,
+        )
+
+        # lora_targets stays None here: peft picks the targets by model type, where it knows the type
+        return self.model.config.model_type in PEFT_DEFAULTS
+
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
         inputs = {k: v for k, v in inputs.items() if k in self.input_names}
         return self.model(**inputs).logits

@@ -8,6 +8,7 @@ checkpoint stores both.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from hf_transfer.console import say
@@ -58,6 +59,31 @@ class EarlyStopping(Callback):
             )
             loop.state.stopped_early = True
             loop.stop = True  # no checkpoint: a resumed run repeats this epoch and stops here again
+
+
+class Deadline(Callback):
+    """Stop after the epoch past which one more epoch, as long as this run's epochs have taken on average,
+    would end after `deadline` (a `time.perf_counter()` value): the rest of a time budget is kept.
+
+    The main process's clock decides, so every process stops at the same epoch.
+    """
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+        self.started: float | None = None
+        self.stopped_at: int | None = None  # the epoch after which the deadline stopped training
+
+    def on_train_begin(self, loop: Loop) -> None:
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, loop: Loop, metrics: dict[str, Any]) -> None:
+        from accelerate.utils import broadcast_object_list
+
+        now, epochs = time.perf_counter(), len(loop.state.history)
+        late = [now + (now - self.started) / max(epochs, 1) > self.deadline]
+        if broadcast_object_list(late)[0] and epochs < loop.config.epochs and not loop.stop:
+            say(loop.accelerator, f"time budget: one more epoch would not fit; stopping after epoch {epochs}")
+            self.stopped_at, loop.stop = epochs, True
 
 
 class WeightAveraging(Callback):

@@ -1,0 +1,212 @@
+"""strategy auto: the ladder of strategies on tiny models, its rules (tie, budget), and its output folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from conftest import NEGATIVE, POSITIVE
+from test_text import text_recipe
+from test_vision import image_recipe, random_batch, write_colour_folder
+
+from hf_transfer.errors import HfTransferError
+from hf_transfer.ladder import run_ladder
+from hf_transfer.ladder.rules import (
+    RungResult,
+    budget_blocker,
+    estimated_seconds,
+    pick_winner,
+    tie_tolerance,
+)
+from hf_transfer.recipe import recipe_from_dict
+from hf_transfer.run import run_training
+
+RUNGS = ["freeze_backbone", "lora", "partial", "full"]
+
+
+def trained(strategy: str, score: float, seconds: float = 10.0, epochs: int = 2) -> RungResult:
+    return RungResult(strategy, "trained", accuracy=score, f1_macro=score, score=score, best_epoch=1,
+                      epochs=epochs, seconds=seconds)
+
+
+# ------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def text_auto(tiny_bert_dir, tmp_path_factory):
+    from conftest import keyword_sentences, write_jsonl
+
+    data = tmp_path_factory.mktemp("keyword_data")
+    write_jsonl(data / "train.jsonl", keyword_sentences(160, seed=1))
+    write_jsonl(data / "validation.jsonl", keyword_sentences(60, seed=2))
+    out = tmp_path_factory.mktemp("auto") / "out"
+    recipe = text_recipe(tiny_bert_dir, data, out, strategy={"name": "auto"}, training={"epochs": 3})
+    return run_ladder(recipe_from_dict(recipe)), out, data
+
+
+def test_auto_records_every_rung_and_why_the_winner_won(text_auto):
+    summary, out, _ = text_auto
+    search = json.loads((out / "metrics.json").read_text())["strategy_search"]
+    assert search == summary["strategy_search"]
+    assert [rung["strategy"] for rung in search["rungs"]] == RUNGS
+    assert all(rung["status"] == "trained" for rung in search["rungs"]), search["rungs"]
+    for rung in search["rungs"]:
+        assert 0 <= rung["accuracy"] <= 1 and rung["seconds"] > 0 and 1 <= rung["best_epoch"] <= rung["epochs"] <= 3
+    assert search["rungs"][0]["epochs"] == 1  # the frozen head: fitted by the solver, evaluated once
+    assert search["early_stopping_patience"] == 1 and search["time_budget"] is None
+    assert search["tie_tolerance"] == pytest.approx(0.5 / 60)
+    winner = next(rung for rung in search["rungs"] if rung["strategy"] == search["winner"])
+    best = max(rung["accuracy"] for rung in search["rungs"])
+    assert winner["accuracy"] >= best - search["tie_tolerance"]
+    assert summary["strategy"] == search["winner"] and summary["eval"]["accuracy"] == winner["accuracy"]
+    assert search["winner"] in search["why"]
+
+    card = (out / "README.md").read_text()
+    assert "How the strategy was chosen" in card and search["why"] in card
+    for rung in search["rungs"]:
+        assert f"| {rung['strategy']} | trained" in card and f"{rung['accuracy']:.4f}" in card
+    # each rung's log in the scratch folder; the output's own log is the winner's
+    logs = {strategy: (out / "ladder" / strategy / "log.jsonl").read_text() for strategy in RUNGS}
+    assert (out / "log.jsonl").read_text() == logs[search["winner"]]
+
+
+def test_the_winners_folder_is_that_strategys_run(text_auto, tmp_path):
+    summary, out, _ = text_auto
+    winner = summary["strategy_search"]["winner"]
+    # on the random tiny BERT the keyword already separates the frozen features; fine-tuning at this lr does not gain
+    assert winner == "freeze_backbone"
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert saved["strategy"]["name"] == winner and saved["training"]["time_budget"] is None
+    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "tokenizer_config.json"}
+    assert not (out / "adapter_config.json").exists()
+
+    from transformers import pipeline
+
+    classify = pipeline("text-classification", model=str(out))
+    labels = [p["label"] for p in classify([f"the film was {POSITIVE}", f"the film was {NEGATIVE}"])]
+    assert labels == ["positive", "negative"]
+
+    # the rung trained from the pretrained weights, seeded as a run of its own: its recipe.yaml repeats it
+    again = dict(saved, output={"dir": str(tmp_path / "again")})
+    alone = run_training(recipe_from_dict(again))
+    assert alone["eval"]["accuracy"] == summary["eval"]["accuracy"]
+    assert alone["history"] == summary["history"]
+
+
+def test_a_budget_smaller_than_anything_keeps_the_frozen_head_and_says_so(tiny_bert_dir, keyword_data, tmp_path, capsys):
+    from hf_transfer.cli import main
+
+    out = tmp_path / "out"
+    recipe = text_recipe(tiny_bert_dir, keyword_data, out, strategy={"name": "auto"}, training={"time_budget": 0.001})
+    path = tmp_path / "auto.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", "--recipe", str(path)]) == 0  # the command goes through the ladder
+    printed = capsys.readouterr().out
+    assert "time budget of 0.001 s was exceeded by the frozen rung" in printed
+
+    search = json.loads((out / "metrics.json").read_text())["strategy_search"]
+    assert search["winner"] == "freeze_backbone" and search["budget_exceeded"] is True
+    assert [rung["status"] for rung in search["rungs"]] == ["trained", "skipped", "skipped", "skipped"]
+    assert all("time budget is spent" in rung["reason"] for rung in search["rungs"][1:])
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["strategy"]["name"] == "freeze_backbone"
+    assert "the budget was exceeded" in (out / "README.md").read_text()
+
+
+def test_auto_on_a_cnn_skips_lora_saying_why_and_a_tie_goes_to_the_frozen_head(tmp_path):
+    import timm
+
+    colours = write_colour_folder(tmp_path / "colours")  # the colour decides: the frozen head already gets all
+    out = tmp_path / "out"
+    recipe = image_recipe(colours, out, strategy={"name": "auto", "trainable_blocks": 1}, training={"epochs": 2})
+    summary = run_ladder(recipe_from_dict(recipe))
+
+    rungs = {rung["strategy"]: rung for rung in summary["strategy_search"]["rungs"]}
+    assert rungs["lora"]["status"] == "skipped" and "no default LoRA targets" in rungs["lora"]["reason"]
+    assert "strategy.lora.target_modules" in rungs["lora"]["reason"]
+    assert rungs["freeze_backbone"]["accuracy"] == 1.0
+    tied = [name for name in ("partial", "full") if rungs[name]["accuracy"] == 1.0]
+    assert tied, rungs  # a costlier rung reached the same: the tie goes to the cheaper frozen head
+    assert summary["strategy_search"]["winner"] == "freeze_backbone"
+    assert "a tie goes to the cheaper rung" in summary["strategy_search"]["why"]
+    assert "no default LoRA targets" in (out / "README.md").read_text()
+
+    reloaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()  # a freeze_backbone run's folder
+    assert reloaded.pretrained_cfg["label_names"] == ["blue", "red"]
+    with torch.no_grad():
+        assert reloaded(random_batch()).shape == (4, 2)
+
+
+# ------------------------------------------------------------------ the rules
+
+
+def test_a_tie_within_half_a_validation_example_goes_to_the_cheaper_rung():
+    tolerance = tie_tolerance(40)  # 0.0125
+    results = [trained("freeze_backbone", 0.9), trained("lora", 0.9), trained("partial", 0.91), trained("full", 0.85)]
+    winner, why = pick_winner(results, tolerance, "accuracy")
+    assert winner.strategy == "freeze_backbone" and "partial's 0.9100" in why and "tie goes to the cheaper" in why
+
+    results[2] = trained("partial", 0.925)  # one validation example more: a real gain
+    assert pick_winner(results, tolerance, "accuracy")[0].strategy == "partial"
+
+    # the tolerance is measured from the best, not from the rung that was best before
+    chain = [trained("freeze_backbone", 0.80), trained("lora", 0.81), trained("partial", 0.815)]
+    assert pick_winner(chain, tolerance, "accuracy")[0].strategy == "lora"
+
+
+def test_a_rung_that_would_not_fit_the_budget_is_skipped_by_the_stated_estimate():
+    frozen = RungResult("freeze_backbone", "trained", score=0.8, epochs=1, seconds=4.0, pass_seconds=1.0)
+    # the frozen rung again (build, head fit) + 3 epochs x 3 forward passes' work
+    assert estimated_seconds([frozen], epochs=3)[0] == pytest.approx(4.0 + 3 * 3 * 1.0)
+    assert budget_blocker([frozen], epochs=3, spent=4.0, budget=20) is None
+    assert "estimated 13.0 s" in budget_blocker([frozen], epochs=3, spent=4.0, budget=15)
+    lora = trained("lora", 0.8, seconds=20.0, epochs=2)  # 10 s per epoch measured: the next estimate
+    assert estimated_seconds([frozen, lora], epochs=3)[0] == pytest.approx(30.0)
+    assert budget_blocker([frozen, lora], epochs=3, spent=24.0, budget=60) is None
+    assert "of lora" in budget_blocker([frozen, lora], epochs=3, spent=24.0, budget=50)
+    cached = RungResult("freeze_backbone", "trained", score=0.8, epochs=1, seconds=0.5, pass_seconds=None)
+    assert estimated_seconds([cached], epochs=3)[0] is None  # no pass measured: the rung starts, the deadline guards
+    assert budget_blocker([cached], epochs=3, spent=0.5, budget=10) is None
+    assert budget_blocker([frozen], epochs=3, spent=5.0, budget=None) is None
+    assert "time budget is spent" in budget_blocker([frozen], epochs=3, spent=5.0, budget=5.0)
+
+
+def test_the_deadline_stops_a_rung_after_the_epoch_past_which_the_next_would_not_fit():
+    import time
+    from types import SimpleNamespace
+
+    from hf_transfer.training.callbacks import Deadline
+
+    def loop(epochs_done: int) -> SimpleNamespace:
+        return SimpleNamespace(state=SimpleNamespace(history=[{}] * epochs_done), config=SimpleNamespace(epochs=5),
+                               stop=False, accelerator=SimpleNamespace(print=lambda *_: None))
+
+    far, near = Deadline(time.perf_counter() + 3600), Deadline(time.perf_counter() + 0.05)
+    for deadline in (far, near):
+        deadline.on_train_begin(None)
+    time.sleep(0.03)  # one epoch of 0.03 s: a second one would end past the near deadline
+    running, stopped = loop(1), loop(1)
+    far.on_epoch_end(running, {})
+    near.on_epoch_end(stopped, {})
+    assert not running.stop and far.stopped_at is None
+    assert stopped.stop and near.stopped_at == 1
+
+
+def test_recipes_that_auto_cannot_serve_are_refused_before_anything_runs(tiny_bert_dir, keyword_data, tmp_path):
+    def recipe(**sections):
+        return recipe_from_dict(text_recipe(tiny_bert_dir, keyword_data, tmp_path / "out", **sections))
+
+    with pytest.raises(HfTransferError, match="time_budget bounds the search of strategy auto"):
+        recipe(training={"time_budget": 60})
+    with pytest.raises(HfTransferError, match="training.time_budget must be more than 0"):
+        recipe(strategy={"name": "auto"}, training={"time_budget": 0})
+    with pytest.raises(HfTransferError, match="cache_features true .* strategy auto's lora, partial and full"):
+        recipe(strategy={"name": "auto"}, training={"cache_features": True})
+    with pytest.raises(HfTransferError, match="head_first is true.*strategy auto"):
+        recipe(strategy={"name": "auto", "head_first": True})
+    with pytest.raises(HfTransferError, match="strategy auto is a search over strategies"):
+        run_training(recipe(strategy={"name": "auto"}))
+    with pytest.raises(HfTransferError, match="does not resume"):
+        run_ladder(recipe(strategy={"name": "auto"}), resume="latest")
+    assert not (tmp_path / "out").exists()
