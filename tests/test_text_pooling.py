@@ -91,7 +91,9 @@ def test_frozen_mean_pooled_head_leaves_the_encoder_unchanged(tiny_sentence_enco
     out = tmp_path / "out"
     summary = train(tiny_sentence_encoder, keyword_data, out, strategy={"name": "freeze_backbone"})
     assert summary["head_solver"]["C"] > 0
-    assert "fitted to convergence on the cached features as a logistic regression" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "fitted to convergence on the cached features as a logistic regression" in card
+    assert "no training loop: the head was fitted by the solver" in card and " epochs, batch " not in card
     before = AutoModel.from_pretrained(tiny_sentence_encoder).state_dict()
     for name, value in AutoModel.from_pretrained(out).state_dict().items():
         assert torch.equal(value, before[name]), name

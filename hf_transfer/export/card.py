@@ -215,6 +215,20 @@ def card_data(recipe: Recipe, summary: dict[str, Any], repo_id: str | None):
     )
 
 
+def _training_text(recipe: Recipe, summary: dict[str, Any], processes: int) -> str:
+    t = recipe.training
+    if summary.get("head_solver"):  # no loop ran: epochs, rates and schedule did not apply
+        return (f"no training loop: the head was fitted by the solver on frozen features cached once"
+                f"{_cache_views_text(recipe)} (see the head above)")
+    return (
+        f"{t.epochs} epochs, batch {t.batch_size} x {processes} process(es) x {t.gradient_accumulation_steps} "
+        f"accumulation, {t.optimizer} lr {t.lr:g}, {t.scheduler} schedule (warmup {t.warmup_ratio:g}), "
+        f"weight decay {t.weight_decay:g}, label smoothing {t.label_smoothing:g}"
+        + (f"; the head trained on frozen features cached once{_cache_views_text(recipe)}"
+           if summary.get("feature_cache") else "")
+    )
+
+
 def card_values(recipe: Recipe, summary: dict[str, Any], folder: Path, repo_id: str | None) -> dict[str, Any]:
     """Everything the template shows, formatted."""
     scores = summary["eval"]
@@ -238,13 +252,7 @@ def card_values(recipe: Recipe, summary: dict[str, Any], folder: Path, repo_id: 
         "strategy_search": search_section(summary),
         "trainable": f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)",
         "head": _head_text(recipe, len(labels), summary) + _solver_text(summary) + _head_first_text(summary),
-        "training": (
-            f"{t.epochs} epochs, batch {t.batch_size} x {processes} process(es) x {t.gradient_accumulation_steps} "
-            f"accumulation, {t.optimizer} lr {t.lr:g}, {t.scheduler} schedule (warmup {t.warmup_ratio:g}), "
-            f"weight decay {t.weight_decay:g}, label smoothing {t.label_smoothing:g}"
-            + (f"; the head trained on frozen features cached once{_cache_views_text(recipe)}"
-               if summary.get("feature_cache") else "")
-        ),
+        "training": _training_text(recipe, summary, processes),
         "data": (
             f"`{recipe.data.path}`: {summary.get('train_samples', '?')} training, "
             f"{scores['num_samples']} validation examples"
