@@ -25,7 +25,8 @@ def _type_error(key: str, value: Any, expected: Any) -> HfTransferError:
 def _describe(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+        choices = typing.get_args(tp)
+        return repr(choices[0]) if len(choices) == 1 else "one of " + ", ".join(repr(a) for a in choices)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if tp is type(None):
@@ -141,6 +142,7 @@ def validate(recipe: Recipe) -> None:
     validate_mixing(recipe)
     validate_head_first(recipe)
     validate_adaptation(recipe)
+    validate_auto_lr(recipe)
 
 
 def validate_mixing(recipe: Recipe) -> None:
@@ -226,3 +228,14 @@ def validate_adaptation(recipe: Recipe) -> None:
         raise HfTransferError("adaptation.features mean applies to text models; use head_input for images.")
     if adaptation.tca_max_samples < 2 * adaptation.tca_components:
         raise HfTransferError("adaptation.tca_max_samples must be at least twice tca_components.")
+
+
+def validate_auto_lr(recipe: Recipe) -> None:
+    """training.lr auto finds the rate of the parameters without one of their own: there must be some."""
+    training = recipe.training
+    if training.lr == "auto" and training.head_lr is not None and training.backbone_lr is not None:
+        raise HfTransferError(
+            "training.lr is auto, but head_lr and backbone_lr are both set, so no parameter trains at training.lr "
+            "and the range test has nothing to find. Set head_lr or backbone_lr null (that part then trains at the "
+            "lr found), or give training.lr a number."
+        )
