@@ -25,13 +25,14 @@ from hf_transfer.console import say
 from hf_transfer.export.card import write_card
 from hf_transfer.export.folder import check_output_dir, create_output_dir, staged, write_json, write_text
 from hf_transfer.export.hub import push_folder
-from hf_transfer.export.layout import LOG_FILE, METRICS_FILE, RECIPE_FILE
+from hf_transfer.export.layout import LOG_FILE, LR_FINDER_PNG, METRICS_FILE, RECIPE_FILE
 from hf_transfer.recipe import Recipe
 from hf_transfer.sources.offline import hub_is_offline, use_offline_mode_if_hub_unreachable
 from hf_transfer.strategies import count_parameters
 from hf_transfer.tasks import task_builder
+from hf_transfer.training.auto import start_config, tune
 from hf_transfer.training.callbacks import recipe_callbacks
-from hf_transfer.training.checkpoint import Checkpointer, check_resumable, find_resume_checkpoint
+from hf_transfer.training.checkpoint import Checkpointer, check_resumable, find_resume_checkpoint, recorded_tuning
 from hf_transfer.training.loop import TrainResult, train
 from hf_transfer.training.metrics import extra_metric_modules
 from hf_transfer.training.plan import Plan
@@ -189,20 +190,29 @@ def run_training(recipe: Recipe, resume: str | None = None) -> dict[str, Any]:
     resume_from = find_resume_checkpoint(resume, output_dir) if resume else None
     check_before_writing(recipe, accelerator, resume_from)
     announce(recipe, accelerator)
-    task, parameters = build_task(recipe, accelerator)
-    plan = training_plan(recipe, task, accelerator)
+    # the recipe keeps "auto"; the stages that build the plan get numbers (a batch size auto: where its search starts)
+    resumed_tuning = recorded_tuning(resume_from)
+    recipe_to_build = dataclasses.replace(recipe, training=start_config(recipe.training, accelerator.device, resumed_tuning))
+    task, parameters = build_task(recipe_to_build, accelerator)
+    plan = training_plan(recipe_to_build, task, accelerator)
     start_output_folder(recipe, accelerator, resume_from)
+    tuning = tune(plan, recipe.training, accelerator, resumed_tuning)  # training.batch_size / lr auto, to numbers
+    plan, training = tuning.plan, tuning.config
+    if accelerator.is_main_process and (tuning.record["lr_finder"] or {}).get("lrs"):
+        from hf_transfer.export.plots import plot_lr_range_test  # matplotlib: only when drawing
+
+        plot_lr_range_test(tuning.record["lr_finder"], output_dir / LR_FINDER_PNG)
     if recipe.training.report_to:
         accelerator.init_trackers(recipe.name, config=flat_scalars(recipe.to_dict()))
     checkpoints = None
     if recipe.training.save_checkpoints or resume_from is not None:
         checkpoints = Checkpointer(
             output_dir, accelerator, recipe.to_dict(), recipe.training.checkpoint_every_steps,
-            recipe.output.save_total_limit, resume_from,
+            recipe.output.save_total_limit, resume_from, tuning.record,
         )
     trainer = plan.trainer or train  # the loop, or a solver that fits the head to convergence
-    result = trainer(plan, recipe.training, accelerator, output_dir, recipe_callbacks(recipe.training, plan, checkpoints))
-    summary = run_summary(recipe, task, plan, parameters, result, accelerator, resume_from)
+    result = trainer(plan, training, accelerator, output_dir, recipe_callbacks(training, plan, checkpoints))
+    summary = run_summary(recipe, task, plan, parameters, result, accelerator, resume_from) | tuning.record
     save_run(plan.save, plan.card, recipe, summary, accelerator)
     finish_run(recipe, accelerator)
     return summary

@@ -57,7 +57,7 @@ def test_missing_recipe_lists_the_available_ones() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["training.lr=abc"], "Recipe key 'training.lr' got 'abc', which is not float. Fix the value."),
+        (["training.lr=abc"], "Recipe key 'training.lr' got 'abc', which is not float or 'auto'. Fix the value."),
         (["training.lr"], "Override 'training.lr' is not KEY=VALUE"),
         (["data.validation_fraction=1.5"], "data.validation_fraction must lie between 0 and 1"),
         (["strategy.name=everything"], "strategy.name"),

@@ -175,7 +175,7 @@ def test_cli_reports_user_errors_in_one_line_without_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "hf-transfer: error: Recipe key 'training.lr' got 'abc', which is not float. Fix the value."
+        "hf-transfer: error: Recipe key 'training.lr' got 'abc', which is not float or 'auto'. Fix the value."
     )
 
 

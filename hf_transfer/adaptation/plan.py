@@ -132,10 +132,15 @@ def build_adaptation_plan(features: DomainFeatures, label_names: list[str], reci
         }}
 
     paired = SourceWithTarget(splits["train"], splits["target"][0], training.seed)
+
+    def train_loader(batch_size: int) -> DataLoader:
+        # a last batch of one row has no covariance (coral) and starves the discriminator
+        return cached_loader(paired, batch_size, True, training.seed, drop_last=len(paired) > batch_size)
+
     return Plan(
         model=model,
-        # a last batch of one row has no covariance (coral) and starves the discriminator
-        train_loader=cached_loader(paired, training.batch_size, True, training.seed, drop_last=len(paired) > training.batch_size),
+        train_loader=train_loader(training.batch_size),
+        train_loader_for=train_loader,
         eval_loader=eval_loader("target"),  # reported every epoch, never used to choose
         label_names=label_names,
         train_labels=splits["train"][1].tolist(),

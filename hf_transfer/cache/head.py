@@ -265,6 +265,7 @@ def head_only_plan(recipe: Recipe, plan: Plan, accelerator: Accelerator) -> Plan
         plan,
         model=HeadOnlyModel(model),
         train_loader=cached_loader(train_set, training.batch_size, shuffle=True, seed=training.seed),
+        train_loader_for=lambda batch_size: cached_loader(train_set, batch_size, shuffle=True, seed=training.seed),
         eval_loader=cached_loader(eval_set, training.batch_size, shuffle=False, seed=training.seed),
         callbacks=[*plan.callbacks, CachedView(train_set)],
         summary=lambda accelerator: plan.summary(accelerator) | report | (solver.summary() if solver else {}),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,16 +26,15 @@ from hf_transfer.cache.head import (
     feature_cache_dir,
     logits_mismatch,
 )
-from hf_transfer.cache.solver import LogisticFit, fit_logistic_head
+from hf_transfer.cache.solver import fit_logistic_head
 from hf_transfer.cache.store import FeatureStore
 from hf_transfer.console import say
 from hf_transfer.errors import HfTransferError
 from hf_transfer.recipe import Recipe, TrainingConfig
 from hf_transfer.strategies import get_strategy
-from hf_transfer.training.loop import TrainResult, train
 from hf_transfer.training.metrics import evaluate
 from hf_transfer.training.optim import class_weights
-from hf_transfer.training.plan import Callback, Plan
+from hf_transfer.training.plan import Plan
 
 
 def head_first_blocker(recipe: Recipe, plan: Plan) -> str | None:
@@ -58,36 +56,29 @@ def head_first_blocker(recipe: Recipe, plan: Plan) -> str | None:
     return None
 
 
-class HeadFirstTrainer:
-    """Fits the plan's head on cached frozen features, scores it, then trains the plan in the loop."""
+def fit_head_first(plan: Plan, training: TrainingConfig, views: Sequence[torch.Tensor], labels: torch.Tensor,
+                   accelerator: Accelerator) -> dict[str, Any]:
+    """Fit the plan's head on cached frozen features and score it; returns the record for metrics.json.
 
-    def __init__(self, views: Sequence[torch.Tensor], labels: torch.Tensor):
-        self.views, self.labels = views, labels
-        self.fit: LogisticFit | None = None
-        self.head_accuracy: float | None = None
-
-    def __call__(self, plan: Plan, config: TrainingConfig, accelerator: Accelerator, run_dir: Path,
-                 callbacks: Sequence[Callback] = ()) -> TrainResult:
-        model = plan.model
-        head = model.model.get_submodule(model.head_modules[0])
-        weights = class_weights(config.class_weights, plan.train_labels, len(plan.label_names))
-        self.fit = fit_logistic_head(head, self.views, self.labels, weights, config.seed)
-        # the probe's own score, so the card can say what fine-tuning added to it
-        metrics = evaluate(model.to(accelerator.device), accelerator.prepare(plan.eval_loader), accelerator,
-                           plan.label_names, ())
-        self.head_accuracy = float(metrics["accuracy"])
-        say(accelerator, f"head fitted first on frozen features in {self.fit.seconds:.1f} s (C={self.fit.C:g}): "
-                         f"validation accuracy {self.head_accuracy:.4f} before the backbone trains")
-        return train(plan, config, accelerator, run_dir, callbacks)
-
-    def summary(self, cache_report: dict[str, list[str]]) -> dict[str, Any]:
-        if self.fit is None:
-            return {"head_first": None}
-        return {"head_first": self.fit.as_record() | {"accuracy": self.head_accuracy, "feature_cache": cache_report}}
+    Done when the plan is built, not in the loop's place: the loop then starts from the fitted head
+    as from any other weights, so whatever runs before it (the learning-rate range test of
+    training.lr auto) sees the model that fine-tuning starts from.
+    """
+    model = plan.model
+    head = model.model.get_submodule(model.head_modules[0])
+    weights = class_weights(training.class_weights, plan.train_labels, len(plan.label_names))
+    fit = fit_logistic_head(head, views, labels, weights, training.seed)
+    # the probe's own score, so the card can say what fine-tuning added to it
+    metrics = evaluate(model.to(accelerator.device), accelerator.prepare(plan.eval_loader), accelerator,
+                       plan.label_names, ())
+    accuracy = float(metrics["accuracy"])
+    say(accelerator, f"head fitted first on frozen features in {fit.seconds:.1f} s (C={fit.C:g}): "
+                     f"validation accuracy {accuracy:.4f} before the backbone trains")
+    return fit.as_record() | {"accuracy": accuracy}
 
 
 def head_first_plan(recipe: Recipe, plan: Plan, accelerator: Accelerator) -> Plan | None:
-    """The plan with a trainer that fits its head first (strategy.head_first), or None where it does not apply."""
+    """The plan with its head fitted first (strategy.head_first), or None where that does not apply."""
     setting = recipe.strategy.head_first
     if setting is False or not get_strategy(recipe.strategy).trains_backbone:
         return None
@@ -101,8 +92,6 @@ def head_first_plan(recipe: Recipe, plan: Plan, accelerator: Accelerator) -> Pla
         return None
     extraction = FeatureExtraction(plan.model, FeatureStore(feature_cache_dir(recipe)), accelerator)
     views, labels = cached_training_features(recipe, plan, accelerator, extraction, [None])
-    trainer = HeadFirstTrainer(views, labels)
-    report = {"hits": extraction.hits, "computed": extraction.misses}
-    return dataclasses.replace(
-        plan, trainer=trainer, summary=lambda accelerator: plan.summary(accelerator) | trainer.summary(report)
-    )
+    record = fit_head_first(plan, recipe.training, views, labels, accelerator)
+    record["feature_cache"] = {"hits": extraction.hits, "computed": extraction.misses}
+    return dataclasses.replace(plan, summary=lambda accelerator: plan.summary(accelerator) | {"head_first": record})

@@ -21,8 +21,8 @@ import yaml
 from hf_transfer.errors import HfTransferError
 from hf_transfer.export.card_search import search_section
 from hf_transfer.export.folder import write_text
-from hf_transfer.export.layout import CARD_FILE, HEAD_INFO_FILE, METRICS_FILE, RECIPE_FILE
-from hf_transfer.recipe import Recipe, recipe_from_dict
+from hf_transfer.export.layout import CARD_FILE, HEAD_INFO_FILE, LR_FINDER_PNG, METRICS_FILE, RECIPE_FILE
+from hf_transfer.recipe import Recipe, TrainingConfig, recipe_from_dict
 from hf_transfer.strategies import get_strategy
 
 # the package's model_cards/ (in the source tree, a link to the project's top-level model_cards/)
@@ -154,6 +154,17 @@ def _usage(recipe: Recipe, reference: str, folder: Path, label_names: list[str],
     )
 
 
+def _batch_and_lr_text(t: TrainingConfig, summary: dict[str, Any], processes: int) -> str:
+    """Batch and learning rate as trained: what training.batch_size / lr auto found is in metrics.json."""
+    batch, lr = summary.get("batch_size_finder"), summary.get("lr_finder")
+    size, accumulation = (batch["batch_size"], batch["gradient_accumulation_steps"]) if batch else (
+        t.batch_size, t.gradient_accumulation_steps)
+    how = f" (training.batch_size auto: {batch['how']})" if batch else ""
+    rate = (f"lr {t.lr:g}" if not lr else f"lr auto ({lr['how']})" if lr["lr"] is None else
+            f"lr {lr['lr']:.3g} (training.lr auto: a learning-rate range test, {lr['rule']}; curve in {LR_FINDER_PNG})")
+    return f"batch {size} x {processes} process(es) x {accumulation} accumulation{how}, {t.optimizer} {rate}"
+
+
 def _cache_views_text(recipe: Recipe) -> str:
     if recipe.task != "image":
         return ""
@@ -221,9 +232,8 @@ def _training_text(recipe: Recipe, summary: dict[str, Any], processes: int) -> s
         return (f"no training loop: the head was fitted by the solver on frozen features cached once"
                 f"{_cache_views_text(recipe)} (see the head above)")
     return (
-        f"{t.epochs} epochs, batch {t.batch_size} x {processes} process(es) x {t.gradient_accumulation_steps} "
-        f"accumulation, {t.optimizer} lr {t.lr:g}, {t.scheduler} schedule (warmup {t.warmup_ratio:g}), "
-        f"weight decay {t.weight_decay:g}, label smoothing {t.label_smoothing:g}"
+        f"{t.epochs} epochs, {_batch_and_lr_text(t, summary, processes)}, {t.scheduler} schedule (warmup "
+        f"{t.warmup_ratio:g}), weight decay {t.weight_decay:g}, label smoothing {t.label_smoothing:g}"
         + (f"; the head trained on frozen features cached once{_cache_views_text(recipe)}"
            if summary.get("feature_cache") else "")
     )

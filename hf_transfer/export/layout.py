@@ -15,6 +15,7 @@ RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.json"
 LOG_FILE = "log.jsonl"
 CARD_FILE = "README.md"
+LR_FINDER_PNG = "lr_finder.png"  # training.lr auto: the learning-rate range test's curve
 CONFIG_FILE = "config.json"  # transformers' or timm's model config
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # a peft adapter
 HEAD_INFO_FILE = "hf_transfer.json"  # image runs: what timm's config.json cannot say (the head, the source)

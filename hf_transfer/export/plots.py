@@ -1,4 +1,4 @@
-"""Pictures of a run: training curves and a confusion matrix, as PNG files.
+"""Pictures of a run: training curves, a confusion matrix and a learning-rate range test, as PNG files.
 
 matplotlib's object API (`Figure` + the Agg canvas) draws without pyplot: no display, no global
 figure state, the same on a laptop, a headless server and inside a test.
@@ -72,4 +72,26 @@ def plot_confusion_matrix(
                 dark = shares[row][column] > 0.5
                 axes.text(column, row, str(matrix[row][column]), ha="center", va="center",
                           color="white" if dark else "black", fontsize=9 if count <= 10 else 7)
+    return _save(figure, path)
+
+
+def plot_lr_range_test(record: dict[str, Any], path: Path) -> Path:
+    """The range test of training.lr auto (training/lr_finder.py): loss against learning rate, log scale,
+    the raw losses faint, the smoothed curve the rule reads, and the learning rate it chose."""
+    figure = Figure(figsize=(6.4, 3.8))
+    axes = figure.subplots()
+    axes.plot(record["lrs"], record["raw_losses"], color="tab:blue", alpha=0.25, linewidth=1, label="loss per step")
+    axes.plot(record["lrs"], record["losses"], color="tab:blue", linewidth=2, label="smoothed")
+    axes.axvline(record["lr"], color="tab:red", linestyle="--", label=f"lr {record['lr']:.3g}")
+    axes.set_xscale("log")
+    # framed on the smoothed curve's fall, with as much of its rise again: the diverging end (4x the
+    # best) and single wild steps would otherwise squash the part the rule reads flat
+    losses = record["losses"]
+    low = min(losses)
+    start = max(losses[: losses.index(low) + 1])
+    fall = start - low or 0.05 * abs(start) or 0.05
+    axes.set_ylim(low - 0.1 * fall, start + fall)
+    axes.set(title="Learning-rate range test", xlabel="learning rate (log scale)", ylabel="training loss")
+    axes.grid(alpha=0.3, which="both")
+    axes.legend(loc="upper left")
     return _save(figure, path)

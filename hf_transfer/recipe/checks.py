@@ -25,7 +25,8 @@ def _type_error(key: str, value: Any, expected: Any) -> HfTransferError:
 def _describe(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+        choices = typing.get_args(tp)
+        return repr(choices[0]) if len(choices) == 1 else "one of " + ", ".join(repr(a) for a in choices)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if tp is type(None):
@@ -142,6 +143,7 @@ def validate(recipe: Recipe) -> None:
     validate_head_first(recipe)
     validate_adaptation(recipe)
     validate_auto_strategy(recipe)
+    validate_auto_lr(recipe)
 
 
 def validate_mixing(recipe: Recipe) -> None:
@@ -249,7 +251,21 @@ def validate_auto_strategy(recipe: Recipe) -> None:
         raise HfTransferError("training.cache_features true is an error wherever the cache cannot serve a run, and "
                               "strategy auto's lora, partial and full rungs train the backbone; set it auto (the "
                               "frozen rung uses the cache wherever it can) or false.")
+    if "auto" in (recipe.training.lr, recipe.training.batch_size):
+        raise HfTransferError("strategy auto does not combine with training.lr or training.batch_size auto yet (each "
+                              "rung would need its own range test); give them numbers, or name one strategy.")
     if recipe.training.report_to:
         raise HfTransferError("strategy auto trains several rungs, whose steps a tracker would mix up; set "
                               "training.report_to null (each rung's log is OUTPUT/ladder/<strategy>/log.jsonl), "
                               "or train the winner by name with report_to.")
+
+
+def validate_auto_lr(recipe: Recipe) -> None:
+    """training.lr auto finds the rate of the parameters without one of their own: there must be some."""
+    training = recipe.training
+    if training.lr == "auto" and training.head_lr is not None and training.backbone_lr is not None:
+        raise HfTransferError(
+            "training.lr is auto, but head_lr and backbone_lr are both set, so no parameter trains at training.lr "
+            "and the range test has nothing to find. Set head_lr or backbone_lr null (that part then trains at the "
+            "lr found), or give training.lr a number."
+        )

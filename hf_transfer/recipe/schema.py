@@ -212,9 +212,18 @@ class MultimodalConfig:
 @dataclass
 class TrainingConfig:
     epochs: int = _f(3, "Number of passes over the training data.", at_least=1)
-    batch_size: int = _f(32, "Examples per optimiser step on each process (before accumulation).", at_least=1)
+    batch_size: int | Literal["auto"] = _f(32, "Examples per step on each process (before accumulation). auto: on a GPU the "
+        "largest batch up to max_batch_size whose training step fits in memory (halved on out-of-memory), on a CPU (no "
+        "such error to go by) at most 32; gradient_accumulation_steps grows so the effective batch stays max_batch_size "
+        "x gradient_accumulation_steps.", at_least=1)
+    max_batch_size: int = _f(32, "batch_size auto: the batch tried first, and x gradient_accumulation_steps the effective "
+        "batch kept (32 keeps the default batch_size's training; raise it for larger batches).", at_least=1)
     eval_batch_size: int = _f(64, "Examples per evaluation batch.", at_least=1)
-    lr: float = _f(5e-5, "Learning rate (of every parameter unless backbone_lr / head_lr say otherwise).", above=0)
+    lr: float | Literal["auto"] = _f(5e-5, "Learning rate (of every parameter unless backbone_lr / head_lr say otherwise). "
+        "auto: found by a learning-rate range test before training (lr raised from 1e-7 towards 10 over 100 steps on the "
+        "run's own model and data, the model then restored): halfway along the longest fall of the smoothed loss "
+        "(fastai's valley); backbone_lr / head_lr given as numbers stay. Curve: lr_finder.png; metrics.json: lr_finder.",
+        above=0)
     backbone_lr: float | None = _f(None, "Learning rate of the pretrained backbone's trainable parameters.", above=0)
     head_lr: float | None = _f(None, "Learning rate of the new head.", above=0)
     layer_decay: float | None = _f(None, "Layer-wise lr decay: the backbone's top block at backbone_lr x decay, one more "

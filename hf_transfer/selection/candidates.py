@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hf_transfer.errors import HfTransferError
-from hf_transfer.recipe import Recipe, validate
+from hf_transfer.recipe import Recipe, TrainingConfig, validate
 from hf_transfer.sources.offline import OFFLINE_TEXT_MODELS, OFFLINE_VISION_MODELS
 
 # the tasks rank serves: one source model each, whose modality is the task's name
@@ -120,6 +120,9 @@ def candidate_recipe(recipe: Recipe, name: str, output_dir: Path) -> Recipe:
     candidate = dataclasses.replace(
         recipe, model=model, strategy=dataclasses.replace(recipe.strategy, name="freeze_backbone"),
         output=dataclasses.replace(recipe.output, dir=str(output_dir)),
+        # rank never trains: a batch_size auto needs only a number for the training loader nobody reads
+        training=dataclasses.replace(recipe.training, batch_size=TrainingConfig.batch_size)
+        if recipe.training.batch_size == "auto" else recipe.training,
     )
     validate(candidate)
     return candidate

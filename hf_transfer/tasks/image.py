@@ -96,10 +96,14 @@ def build_image_task(recipe: Recipe) -> Plan:
         transform = train_transform if view is not None else eval_transform
         return image_loader(with_transform(images, transform, data.image_column), training.eval_batch_size, False, workers, seed)
 
+    def train_loader(batch_size: int):
+        # each example's augmentation depends on (seed, epoch, index) only, so a resumed run is exact
+        return training_image_loader(splits.train, train_transform, data.image_column, batch_size, workers, seed)
+
     return Plan(
         model=model,
-        # each example's augmentation depends on (seed, epoch, index) only, so a resumed run is exact
-        train_loader=training_image_loader(splits.train, train_transform, data.image_column, training.batch_size, workers, seed),
+        train_loader=train_loader(training.batch_size),
+        train_loader_for=train_loader,
         eval_loader=image_loader(eval_set, training.eval_batch_size, False, workers, seed),
         label_names=splits.label_names,
         train_labels=list(splits.train["label"]),

@@ -114,9 +114,13 @@ def build_multimodal_task(recipe: Recipe) -> Plan:
     train_set = multimodal_dataset(splits.train, tokenizer, train_transform, data)
     eval_set = multimodal_dataset(splits.validation, tokenizer, eval_transform, data)
 
+    def train_loader(batch_size: int):
+        return multimodal_loader(train_set, collator, batch_size, True, workers, seed)
+
     return Plan(
         model=model,
-        train_loader=multimodal_loader(train_set, collator, training.batch_size, True, workers, seed),
+        train_loader=train_loader(training.batch_size),
+        train_loader_for=train_loader,
         eval_loader=multimodal_loader(eval_set, collator, training.eval_batch_size, False, workers, seed),
         label_names=splits.label_names,
         train_labels=list(splits.train["label"]),

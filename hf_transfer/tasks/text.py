@@ -108,9 +108,13 @@ def build_text_task(recipe: Recipe) -> Plan:
         dataset = train_set if split == "train" else eval_set
         return text_loader(dataset, tokenizer, training.eval_batch_size, False, workers, seed, group_by_length=True)
 
+    def train_loader(batch_size: int):
+        return text_loader(train_set, tokenizer, batch_size, True, workers, seed, **batching)
+
     return Plan(
         model=model,
-        train_loader=text_loader(train_set, tokenizer, training.batch_size, True, workers, seed, **batching),
+        train_loader=train_loader(training.batch_size),
+        train_loader_for=train_loader,
         eval_loader=text_loader(eval_set, tokenizer, training.eval_batch_size, False, workers, seed, **batching),
         label_names=splits.label_names,
         train_labels=list(splits.train["label"]),

@@ -147,6 +147,12 @@ def check_resumable(path: Path, recipe: dict[str, Any], num_processes: int) -> d
     return record
 
 
+def recorded_tuning(path: Path | None) -> dict[str, Any] | None:
+    """What training.batch_size / lr auto found in the run the checkpoint at `path` belongs to (None: no
+    checkpoint, or nothing was auto): a resumed run trains with these, not with a new search's."""
+    return read_checkpoint_record(path).get("auto_tuning") if path is not None else None
+
+
 def parameters_are_finite(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
@@ -199,6 +205,7 @@ class Checkpointer:
         every_steps: int | None = None,
         keep: int = 1,
         resume_from: Path | None = None,
+        tuning: dict[str, Any] | None = None,
     ):
         self.root = output_dir / CHECKPOINTS_DIR
         self.log_path = output_dir / "log.jsonl"
@@ -207,6 +214,7 @@ class Checkpointer:
         self.every_steps = every_steps
         self.keep = max(1, keep)
         self.resume_from = resume_from
+        self.tuning = tuning  # what training.batch_size / lr auto found (auto.py): a resumed run takes it
         self.last_saved: Path | None = None
         if accelerator.is_main_process:
             if resume_from is None:  # a fresh run: old checkpoints are another run's (other files stay)
@@ -279,6 +287,7 @@ class Checkpointer:
                 "num_processes": accelerator.num_processes,
                 "log_bytes": self.log_path.stat().st_size if self.log_path.is_file() else 0,
                 "recipe": self.recipe,
+                "auto_tuning": self.tuning,
             }
             (temporary / STATE_FILE).write_text(json.dumps(record, indent=1))
 

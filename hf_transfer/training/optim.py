@@ -59,6 +59,12 @@ def parameter_groups(model: TransferModel, config: TrainingConfig, include_froze
     ]
 
 
+def own_rate_key(group: dict) -> str:
+    """The key that may give a group of `parameter_groups` a rate of its own (`head_lr` or
+    `backbone_lr`); where it is null the group trains at training.lr (times its layer decay)."""
+    return "head_lr" if group["name"].startswith("head") else "backbone_lr"
+
+
 def build_optimizer(
     model: TransferModel, config: TrainingConfig, include_frozen: bool, capturable: bool = False
 ) -> torch.optim.Optimizer:

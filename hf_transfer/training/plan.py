@@ -74,7 +74,11 @@ class Plan:
     adaptation target); `summary(accelerator)` gives entries for metrics.json once training ends.
     `feature_source` is what the frozen-feature cache needs of a task (None: no cache).
     `trainer`, when set, trains the plan in place of the loop, with the loop's signature and result
-    (a linear head on cached features fitted to convergence by a solver, cache/solver.py).
+    (a linear head on cached features fitted to convergence by a solver, cache/solver.py); the loop
+    then never runs, so nothing of it (a learning rate, a batch size) is tuned.
+    `train_loader_for(batch_size)` builds the training loader again at another batch size (as
+    `train_loader`, whose batch size is training.batch_size): training.batch_size auto settles the
+    batch size once the model is built (auto.py).
     """
 
     model: TransferModel
@@ -89,3 +93,4 @@ class Plan:
     summary: Callable[[Any], dict[str, Any]] = lambda _accelerator: {}
     feature_source: Any = None  # cache.FeatureSource; typed loosely because the cache stage comes later
     trainer: Callable[..., Any] | None = None
+    train_loader_for: Callable[[int], DataLoader] | None = None
