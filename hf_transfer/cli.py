@@ -95,7 +95,9 @@ def rank_command(args: argparse.Namespace) -> None:
                           overwrite=args.overwrite or recipe.output.overwrite)
     print(ranking_table(ranking))
     if ranking["winner"] is not None:  # the features are cached: this train run computes none again
-        settings = [*args.overrides, f"model.name={ranking['winner']}", "strategy.name=freeze_backbone",
+        frozen = ["strategy.name=freeze_backbone"] + (["strategy.head_first=false"] if recipe.strategy.head_first is True else [])
+        frozen += ["training.time_budget=null"] if recipe.training.time_budget is not None else []
+        settings = [*args.overrides, f"model.name={ranking['winner']}", *frozen,
                     f"training.feature_cache_dir={ranking['feature_cache_dir']}"]
         print("train it: " + shlex.join(["hf-transfer", "train", "--recipe", args.recipe, "--set", *settings]))
 

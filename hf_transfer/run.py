@@ -22,17 +22,32 @@ from hf_transfer.adaptation.plan import adaptation_plan
 from hf_transfer.cache.head import cached_plan
 from hf_transfer.cache.head_first import head_first_plan
 from hf_transfer.console import say
+from hf_transfer.errors import HfTransferError
 from hf_transfer.export.card import write_card
-from hf_transfer.export.folder import check_output_dir, create_output_dir, staged, write_json, write_text
+from hf_transfer.export.folder import (
+    check_output_dir,
+    create_output_dir,
+    staged,
+    write_json,
+    write_text,
+)
 from hf_transfer.export.hub import push_folder
 from hf_transfer.export.layout import LOG_FILE, LR_FINDER_PNG, METRICS_FILE, RECIPE_FILE
 from hf_transfer.recipe import Recipe
-from hf_transfer.sources.offline import hub_is_offline, use_offline_mode_if_hub_unreachable
+from hf_transfer.sources.offline import (
+    hub_is_offline,
+    use_offline_mode_if_hub_unreachable,
+)
 from hf_transfer.strategies import count_parameters
 from hf_transfer.tasks import task_builder
 from hf_transfer.training.auto import start_config, tune
 from hf_transfer.training.callbacks import recipe_callbacks
-from hf_transfer.training.checkpoint import Checkpointer, check_resumable, find_resume_checkpoint, recorded_tuning
+from hf_transfer.training.checkpoint import (
+    Checkpointer,
+    check_resumable,
+    find_resume_checkpoint,
+    recorded_tuning,
+)
 from hf_transfer.training.loop import TrainResult, train
 from hf_transfer.training.metrics import extra_metric_modules
 from hf_transfer.training.plan import Plan
@@ -185,6 +200,9 @@ def run_training(recipe: Recipe, resume: str | None = None) -> dict[str, Any]:
     or of an output folder, to continue a run that was stopped.
     """
     task_builder(recipe)  # an unknown task is refused before anything else
+    if recipe.strategy.name == "auto":  # the train command sends it to hf_transfer.ladder, which calls this module
+        raise HfTransferError("strategy auto trains several strategies: run it with `hf-transfer train` (or "
+                              "hf_transfer.ladder.run_ladder), or name one strategy.")
     output_dir = recipe.output_dir
     accelerator = make_accelerator(recipe)
     resume_from = find_resume_checkpoint(resume, output_dir) if resume else None
@@ -195,11 +213,14 @@ def run_training(recipe: Recipe, resume: str | None = None) -> dict[str, Any]:
     recipe_to_build = dataclasses.replace(recipe, training=start_config(recipe.training, accelerator.device, resumed_tuning))
     task, parameters = build_task(recipe_to_build, accelerator)
     plan = training_plan(recipe_to_build, task, accelerator)
-    start_output_folder(recipe, accelerator, resume_from)
-    tuning = tune(plan, recipe.training, accelerator, resumed_tuning)  # training.batch_size / lr auto, to numbers
+    # training.batch_size / lr auto, to numbers; before anything is written, since the search can refuse the run
+    tuning = tune(plan, recipe.training, accelerator, resumed_tuning)
     plan, training = tuning.plan, tuning.config
+    start_output_folder(recipe, accelerator, resume_from)
     if accelerator.is_main_process and (tuning.record["lr_finder"] or {}).get("lrs"):
-        from hf_transfer.export.plots import plot_lr_range_test  # matplotlib: only when drawing
+        from hf_transfer.export.plots import (
+            plot_lr_range_test,  # matplotlib: only when drawing
+        )
 
         plot_lr_range_test(tuning.record["lr_finder"], output_dir / LR_FINDER_PNG)
     if recipe.training.report_to:

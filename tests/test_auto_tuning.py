@@ -22,7 +22,11 @@ from hf_transfer.run import run_training
 from hf_transfer.sources.base import TransferModel
 from hf_transfer.sources.text import TextClassifier
 from hf_transfer.training import auto, batch_finder
-from hf_transfer.training.batch_finder import largest_fitting_batch, settle_batch, smaller_batch
+from hf_transfer.training.batch_finder import (
+    largest_fitting_batch,
+    settle_batch,
+    smaller_batch,
+)
 from hf_transfer.training.lr_finder import lr_range_test, valley
 from hf_transfer.training.optim import build_optimizer
 from hf_transfer.training.plan import Plan

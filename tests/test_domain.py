@@ -12,7 +12,11 @@ from accelerate import Accelerator
 from conftest import SHARED_DATA, keyword_sentences, write_jsonl
 
 from hf_transfer.adaptation.model import load_adapted_model
-from hf_transfer.adaptation.plan import DomainFeatures, SourceWithTarget, build_adaptation_plan
+from hf_transfer.adaptation.plan import (
+    DomainFeatures,
+    SourceWithTarget,
+    build_adaptation_plan,
+)
 from hf_transfer.errors import HfTransferError
 from hf_transfer.recipe import load_recipe, recipe_from_dict
 from hf_transfer.run import run_training

@@ -72,10 +72,11 @@ def test_head_first_true_where_it_cannot_apply_is_one_clear_error(tiny_bert_dir,
 
 
 class _Step:
-    """What BatchMixing reads of a running loop: its optimiser step."""
+    """What BatchMixing reads of a running loop: the epoch, the batch and the process."""
 
-    def __init__(self, update: int):
-        self.state = type("State", (), {"update": update})()
+    def __init__(self, batches_done: int):
+        self.epoch, self.state = 0, type("State", (), {"batches_done": batches_done})()
+        self.accelerator = type("Accelerator", (), {"process_index": 0})()
 
 
 def test_mixing_blends_images_and_labels_reproducibly_and_keeps_an_odd_one_out():

@@ -8,7 +8,12 @@ import pytest
 import yaml
 
 from hf_transfer.errors import HfTransferError
-from hf_transfer.recipe import available_recipes, load_recipe, parse_overrides, recipe_from_dict
+from hf_transfer.recipe import (
+    available_recipes,
+    load_recipe,
+    parse_overrides,
+    recipe_from_dict,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))

@@ -16,7 +16,13 @@ from accelerate import Accelerator
 
 from hf_transfer.adaptation.losses import TransferComponentAnalysis
 from hf_transfer.cache.head import feature_cache_dir
-from hf_transfer.cache.store import ExampleFeatures, FeatureKey, FeatureStore, extract_features, model_key_fields
+from hf_transfer.cache.store import (
+    ExampleFeatures,
+    FeatureKey,
+    FeatureStore,
+    extract_features,
+    model_key_fields,
+)
 from hf_transfer.errors import HfTransferError
 from hf_transfer.recipe import AdaptationConfig, Recipe
 from hf_transfer.sources.pooling import PooledFeatures

@@ -21,7 +21,13 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from hf_transfer.adaptation.features import DomainFeatures, Split, domain_features, fit_tca, load_target_task
+from hf_transfer.adaptation.features import (
+    DomainFeatures,
+    Split,
+    domain_features,
+    fit_tca,
+    load_target_task,
+)
 from hf_transfer.adaptation.head import AdaptedHeadModel
 from hf_transfer.adaptation.losses import dann_weight, domain_loss
 from hf_transfer.adaptation.model import save_adapted_model

@@ -26,7 +26,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from hf_transfer.cache.solver import LogisticHeadTrainer, solver_blocker
-from hf_transfer.cache.store import FeatureKey, FeatureStore, extract_features, model_key_fields
+from hf_transfer.cache.store import (
+    FeatureKey,
+    FeatureStore,
+    extract_features,
+    model_key_fields,
+)
 from hf_transfer.console import say
 from hf_transfer.errors import HfTransferError
 from hf_transfer.recipe import Recipe, StrategyConfig

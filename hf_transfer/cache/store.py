@@ -207,7 +207,6 @@ class ExampleFeatures:
         self.changed = False
 
 
-@torch.no_grad()
 @torch.no_grad()  # a backbone being fine-tuned has gradients on; features never need them
 def extract_features(
     model: nn.Module, loader: DataLoader, device: torch.device, autocast: Callable,

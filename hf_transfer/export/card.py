@@ -20,9 +20,15 @@ import yaml
 
 from hf_transfer.errors import HfTransferError
 from hf_transfer.export.card_search import search_section
+from hf_transfer.export.card_training import head_first_text, solver_text, training_text
 from hf_transfer.export.folder import write_text
-from hf_transfer.export.layout import CARD_FILE, HEAD_INFO_FILE, LR_FINDER_PNG, METRICS_FILE, RECIPE_FILE
-from hf_transfer.recipe import Recipe, TrainingConfig, recipe_from_dict
+from hf_transfer.export.layout import (
+    CARD_FILE,
+    HEAD_INFO_FILE,
+    METRICS_FILE,
+    RECIPE_FILE,
+)
+from hf_transfer.recipe import Recipe, recipe_from_dict
 from hf_transfer.strategies import get_strategy
 
 # the package's model_cards/ (in the source tree, a link to the project's top-level model_cards/)
@@ -69,22 +75,6 @@ def base_model_id(recipe: Recipe) -> str | None:
 def _mean_pooled(summary: dict[str, Any]) -> bool:
     """A text run whose head reads mean-pooled token states: its folder is a sentence-transformers model."""
     return summary.get("text_pooling") == "mean"
-
-
-def _solver_text(summary: dict[str, Any]) -> str:
-    solver = summary.get("head_solver")
-    if not solver:
-        return ""
-    chosen = f"chosen by {solver['cv_folds']}-fold cross-validation on the training features" if solver["cv_folds"] else "the default"
-    return f"; fitted to convergence on the cached features as a logistic regression (L2 strength C={solver['C']:.3g}, {chosen})"
-
-
-def _head_first_text(summary: dict[str, Any]) -> str:
-    fit = summary.get("head_first")
-    if not fit:
-        return ""
-    return (f"; fitted first on the frozen backbone's features as a logistic regression (C={fit['C']:.3g}, validation "
-            f"accuracy {fit['accuracy']:.4f}), then fine-tuned with the backbone")
 
 
 def _head_text(recipe: Recipe, classes: int, summary: dict[str, Any]) -> str:
@@ -154,25 +144,6 @@ def _usage(recipe: Recipe, reference: str, folder: Path, label_names: list[str],
     )
 
 
-def _batch_and_lr_text(t: TrainingConfig, summary: dict[str, Any], processes: int) -> str:
-    """Batch and learning rate as trained: what training.batch_size / lr auto found is in metrics.json."""
-    batch, lr = summary.get("batch_size_finder"), summary.get("lr_finder")
-    size, accumulation = (batch["batch_size"], batch["gradient_accumulation_steps"]) if batch else (
-        t.batch_size, t.gradient_accumulation_steps)
-    how = f" (training.batch_size auto: {batch['how']})" if batch else ""
-    rate = (f"lr {t.lr:g}" if not lr else f"lr auto ({lr['how']})" if lr["lr"] is None else
-            f"lr {lr['lr']:.3g} (training.lr auto: a learning-rate range test, {lr['rule']}; curve in {LR_FINDER_PNG})")
-    return f"batch {size} x {processes} process(es) x {accumulation} accumulation{how}, {t.optimizer} {rate}"
-
-
-def _cache_views_text(recipe: Recipe) -> str:
-    if recipe.task != "image":
-        return ""
-    views = recipe.training.cache_views
-    return (", without training augmentation (training.cache_views=1)" if views == 1
-            else f", {views} augmented views of each training image")
-
-
 def _number(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
@@ -226,19 +197,6 @@ def card_data(recipe: Recipe, summary: dict[str, Any], repo_id: str | None):
     )
 
 
-def _training_text(recipe: Recipe, summary: dict[str, Any], processes: int) -> str:
-    t = recipe.training
-    if summary.get("head_solver"):  # no loop ran: epochs, rates and schedule did not apply
-        return (f"no training loop: the head was fitted by the solver on frozen features cached once"
-                f"{_cache_views_text(recipe)} (see the head above)")
-    return (
-        f"{t.epochs} epochs, {_batch_and_lr_text(t, summary, processes)}, {t.scheduler} schedule (warmup "
-        f"{t.warmup_ratio:g}), weight decay {t.weight_decay:g}, label smoothing {t.label_smoothing:g}"
-        + (f"; the head trained on frozen features cached once{_cache_views_text(recipe)}"
-           if summary.get("feature_cache") else "")
-    )
-
-
 def card_values(recipe: Recipe, summary: dict[str, Any], folder: Path, repo_id: str | None) -> dict[str, Any]:
     """Everything the template shows, formatted."""
     scores = summary["eval"]
@@ -261,8 +219,8 @@ def card_values(recipe: Recipe, summary: dict[str, Any], folder: Path, repo_id: 
         + ("; chosen by `strategy.name: auto` (below)" if summary.get("strategy_search") else ""),
         "strategy_search": search_section(summary),
         "trainable": f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)",
-        "head": _head_text(recipe, len(labels), summary) + _solver_text(summary) + _head_first_text(summary),
-        "training": _training_text(recipe, summary, processes),
+        "head": _head_text(recipe, len(labels), summary) + solver_text(summary) + head_first_text(summary),
+        "training": training_text(recipe, summary, processes),
         "data": (
             f"`{recipe.data.path}`: {summary.get('train_samples', '?')} training, "
             f"{scores['num_samples']} validation examples"

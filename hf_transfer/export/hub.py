@@ -12,7 +12,13 @@ from pathlib import Path
 
 from hf_transfer.errors import HfTransferError
 from hf_transfer.export.card import load_run, write_model_card
-from hf_transfer.export.layout import IMAGE, METRICS_FILE, RECIPE_FILE, TEXT, folder_kind
+from hf_transfer.export.layout import (
+    IMAGE,
+    METRICS_FILE,
+    RECIPE_FILE,
+    TEXT,
+    folder_kind,
+)
 from hf_transfer.recipe import check_repo_id
 
 # never uploaded: resumable training state, caches, and anything half-written

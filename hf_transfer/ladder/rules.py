@@ -33,7 +33,8 @@ BUDGET_RULE = (
     "the frozen rung always runs. A later rung is skipped when the seconds spent so far plus its estimate exceed "
     "training.time_budget; the estimate is training.epochs x the seconds per epoch of the last fine-tuning rung "
     "(its whole time, task build included, over the epochs it ran), or, before any, the frozen rung's seconds (a "
-    f"fine-tuning rung builds its task and fits its head first too) + training.epochs x {FORWARD_PASSES_PER_EPOCH} "
+    f"fine-tuning rung builds its task too, and with strategy.head_first fits its head first: an over-estimate "
+    "without it) + training.epochs x {FORWARD_PASSES_PER_EPOCH} "
     "x the seconds of the frozen rung's pass over the data (forward and backward: about three forward passes); "
     "no estimate when the frozen features came from the cache (the rung starts). A running rung stops after an "
     "epoch when one more epoch, at its mean epoch time, would end past the budget"
@@ -120,7 +121,8 @@ def estimated_seconds(results: Sequence[RungResult], epochs: int) -> tuple[float
     frozen = trained[0] if trained and trained[0].strategy == LADDER[0].strategy else None
     if frozen is None or frozen.pass_seconds is None:
         return None, "no estimate: the frozen features came from the cache"
-    # a fine-tuning rung builds its task and fits its head first as the frozen rung did, then trains its epochs
+    # a fine-tuning rung builds its task (and, with strategy.head_first, fits its head) as the frozen rung did,
+    # then trains its epochs: without head_first this over-estimates by one pass, so it errs towards skipping
     estimate = frozen.seconds + epochs * FORWARD_PASSES_PER_EPOCH * frozen.pass_seconds
     return estimate, (f"the frozen rung's {frozen.seconds:.1f} s + {epochs} epochs x {FORWARD_PASSES_PER_EPOCH} x "
                       f"{frozen.pass_seconds:.1f} s per pass over the data")

@@ -18,6 +18,7 @@ import yaml
 
 from hf_transfer.errors import HfTransferError
 from hf_transfer.recipe.fields import _f
+from hf_transfer.recipe.rank_config import RankConfig
 
 
 @dataclass
@@ -302,24 +303,6 @@ class TrainingConfig:
             raise HfTransferError("training.class_weights must be 'auto', a list of numbers, or null.")
         if isinstance(weights, list) and not all(math.isfinite(w) and w > 0 for w in weights):
             raise HfTransferError(f"training.class_weights must all be positive numbers; got {weights}.")
-
-
-@dataclass
-class RankConfig:
-    """`hf-transfer rank`: which source models to compare on the recipe's data, and by which score."""
-
-    candidates: list[str] = _f(
-        [], "Source models `hf-transfer rank` compares, named as model.name takes them (Hub id, local folder, timm "
-        "name), all of the recipe's task; --candidates replaces this list."
-    )
-    score: Literal["logme", "hscore", "probe_accuracy", "knn_accuracy"] = _f(
-        "logme",
-        "The score `hf-transfer rank` names its winner by (the highest wins). logme: the evidence of a Bayesian "
-        "linear model on the frozen training features (You et al. 2021), no validation split, nothing to tune; "
-        "hscore: tr(cov(f)^-1 cov(E[f|y])) on the training features (Bao et al. 2019); probe_accuracy: validation "
-        "accuracy of the logistic-regression head that train fits on these features; knn_accuracy: validation "
-        "accuracy of a 5-nearest-neighbour vote (cosine).",
-    )
 
 
 @dataclass

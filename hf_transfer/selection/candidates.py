@@ -117,12 +117,14 @@ def candidate_recipe(recipe: Recipe, name: str, output_dir: Path) -> Recipe:
     model = recipe.model
     if name != model.name:  # a revision or weights file belongs to the recipe's own model, not another one
         model = dataclasses.replace(model, name=name, revision=None, weights_file=None)
+    # rank never trains: a batch_size auto needs only a number for the training loader nobody reads, and
+    # the settings of a fine-tuning run (its head fitted first, the search's budget) do not apply to a frozen one
+    training = dataclasses.replace(recipe.training, time_budget=None)
+    if training.batch_size == "auto":
+        training = dataclasses.replace(training, batch_size=TrainingConfig.batch_size)
     candidate = dataclasses.replace(
-        recipe, model=model, strategy=dataclasses.replace(recipe.strategy, name="freeze_backbone"),
-        output=dataclasses.replace(recipe.output, dir=str(output_dir)),
-        # rank never trains: a batch_size auto needs only a number for the training loader nobody reads
-        training=dataclasses.replace(recipe.training, batch_size=TrainingConfig.batch_size)
-        if recipe.training.batch_size == "auto" else recipe.training,
+        recipe, model=model, strategy=dataclasses.replace(recipe.strategy, name="freeze_backbone", head_first=False),
+        output=dataclasses.replace(recipe.output, dir=str(output_dir)), training=training,
     )
     validate(candidate)
     return candidate

@@ -31,7 +31,10 @@ from hf_transfer.export.folder import check_output_dir, create_output_dir, write
 from hf_transfer.recipe import Recipe
 from hf_transfer.selection.candidates import candidate_names, candidate_recipe
 from hf_transfer.selection.scores import KNN_NEIGHBOURS, hscore, knn_accuracy, logme
-from hf_transfer.sources.offline import hub_is_offline, use_offline_mode_if_hub_unreachable
+from hf_transfer.sources.offline import (
+    hub_is_offline,
+    use_offline_mode_if_hub_unreachable,
+)
 from hf_transfer.strategies import count_parameters
 from hf_transfer.tasks import task_builder
 from hf_transfer.training.optim import class_weights

@@ -8,15 +8,27 @@ from pathlib import Path
 from typing import Any
 
 from timm.models import save_for_hf
-from timm.models._hub import save_config_for_hf  # not re-exported by timm.models; the config half of save_for_hf
+from timm.models._hub import (
+    save_config_for_hf,  # not re-exported by timm.models; the config half of save_for_hf
+)
 
 from hf_transfer.cache.head import FeatureSource
 from hf_transfer.cache.store import dataset_fingerprint
 from hf_transfer.data.augmented import training_image_loader
-from hf_transfer.data.images import image_loader, image_num_workers, image_transforms, load_image_splits, with_transform
+from hf_transfer.data.images import (
+    image_loader,
+    image_num_workers,
+    image_transforms,
+    load_image_splits,
+    with_transform,
+)
 from hf_transfer.export.layout import CONFIG_FILE, HEAD_INFO_FILE, MERGED_DIR
 from hf_transfer.recipe import Recipe
-from hf_transfer.sources.vision import VisionClassifier, load_vision_model, model_data_config
+from hf_transfer.sources.vision import (
+    VisionClassifier,
+    load_vision_model,
+    model_data_config,
+)
 from hf_transfer.strategies import apply_strategy, get_strategy, merged_copy
 from hf_transfer.training.mixing import BatchMixing, mixing_requested
 from hf_transfer.training.plan import Plan

@@ -19,14 +19,30 @@ from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from hf_transfer.data.images import image_num_workers, image_transforms, load_image_splits, load_rgb
+from hf_transfer.data.images import (
+    image_num_workers,
+    image_transforms,
+    load_image_splits,
+    load_rgb,
+)
 from hf_transfer.data.sampling import PadToMultipleCollator
 from hf_transfer.data.splits import check_columns
 from hf_transfer.errors import HfTransferError
 from hf_transfer.export.layout import CONFIG_FILE, FUSION_WEIGHTS_FILE, MULTIMODAL_FILE
-from hf_transfer.recipe import DataConfig, ModelConfig, MultimodalConfig, Recipe, StrategyConfig
+from hf_transfer.recipe import (
+    DataConfig,
+    ModelConfig,
+    MultimodalConfig,
+    Recipe,
+    StrategyConfig,
+)
 from hf_transfer.sources.base import TransferModel
-from hf_transfer.sources.two_tower import TOKEN_KEYS, TwoTowerClassifier, build_fusion, load_towers
+from hf_transfer.sources.two_tower import (
+    TOKEN_KEYS,
+    TwoTowerClassifier,
+    build_fusion,
+    load_towers,
+)
 from hf_transfer.sources.vision import model_data_config
 from hf_transfer.strategies import apply_strategy, merged_copy
 from hf_transfer.tasks.image import eval_data_config, loadable_by_transformers

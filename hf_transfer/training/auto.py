@@ -79,13 +79,16 @@ def tune(plan: Plan, config: TrainingConfig, accelerator: Accelerator, resumed: 
 
     `config` is the recipe's, "auto" included; `resumed` the record a checkpoint kept (checkpoint.py).
     """
-    if resumed:
+    if resumed and (resumed.get("batch_size_finder") or resumed.get("lr_finder")):
         return _resumed(plan, config, accelerator, resumed)
     record: dict[str, Any] = {"batch_size_finder": None, "lr_finder": None}
     if config.batch_size == "auto":
         start = start_batch(config, accelerator.device)
         batch = choice(config, start, SOLVER) if plan.trainer is not None else settle_batch(plan, config, accelerator)
         if batch.batch_size != start:
+            if plan.train_loader_for is None:
+                raise HfTransferError("training.batch_size auto needs a plan that can rebuild its training loader; "
+                                      "this mode cannot: give training.batch_size a number.")
             plan = dataclasses.replace(plan, train_loader=plan.train_loader_for(batch.batch_size))
         config = dataclasses.replace(config, batch_size=batch.batch_size,
                                      gradient_accumulation_steps=batch.gradient_accumulation_steps)

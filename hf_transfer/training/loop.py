@@ -26,7 +26,12 @@ from hf_transfer.recipe import TrainingConfig
 from hf_transfer.training.checkpoint import resume_batches, set_loader_epoch
 from hf_transfer.training.cuda_graphs import GraphedStep, make_lr_tensors
 from hf_transfer.training.metrics import evaluate, scalar_metrics, split_batch
-from hf_transfer.training.optim import build_optimizer, build_scheduler, class_weights, set_train_mode
+from hf_transfer.training.optim import (
+    build_optimizer,
+    build_scheduler,
+    class_weights,
+    set_train_mode,
+)
 from hf_transfer.training.plan import Callback, Plan
 from hf_transfer.training.state import Loop
 

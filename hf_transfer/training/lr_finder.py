@@ -39,7 +39,12 @@ from torch.utils.data import DataLoader
 from hf_transfer.errors import HfTransferError
 from hf_transfer.recipe import TrainingConfig
 from hf_transfer.training.metrics import split_batch
-from hf_transfer.training.optim import build_optimizer, class_weights, own_rate_key, set_train_mode
+from hf_transfer.training.optim import (
+    build_optimizer,
+    class_weights,
+    own_rate_key,
+    set_train_mode,
+)
 from hf_transfer.training.plan import Plan
 from hf_transfer.training.trial import leaves_no_trace
 

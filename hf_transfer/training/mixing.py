@@ -3,8 +3,8 @@
 timm mixes a batch with itself reversed: the pixels (a Beta(alpha, alpha) blend, or a pasted box) and
 the one-hot labels by the same weight, so the loss reads soft targets (cross-entropy takes class
 probabilities). Two choices of ours: timm needs an even batch, so an odd last batch keeps its last
-example unmixed; and each step's draw is seeded by (seed, optimiser step), because timm draws from
-numpy's global generator and a resumed run must mix its batches as the first run did.
+example unmixed; and each batch's draw is seeded by (seed, epoch, batch, process), because timm draws
+from numpy's global generator and a resumed run must mix its batches as the first run did.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ class BatchMixing(Callback):
         if even == 0:
             return batch
         saved = np.random.get_state()
-        np.random.seed((self.seed * 1_000_003 + loop.state.update) % 2**32)
+        # every batch its own draw (micro-batches of one accumulated step, and each process, too)
+        np.random.seed([self.seed, loop.epoch, loop.state.batches_done, loop.accelerator.process_index])
         mixed, targets = self.mixup(images[:even].clone(), labels[:even])
         np.random.set_state(saved)
         if even < len(labels):  # the odd one out keeps its own image and a one-hot target
