@@ -141,6 +141,8 @@ def run_summary(recipe: Recipe, task: Plan, plan: Plan, parameters: tuple[int, i
         "resumed_from": str(resume_from) if resume_from else None,
         "feature_cache": None,
         "adaptation": None,
+        "lr_finder": None,  # training.lr / batch_size auto fill these in (training/auto.py)
+        "batch_size_finder": None,
     }
     return summary | plan.summary(accelerator)
 

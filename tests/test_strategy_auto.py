@@ -48,8 +48,10 @@ def text_auto(tiny_bert_dir, tmp_path_factory):
 
 def test_auto_records_every_rung_and_why_the_winner_won(text_auto):
     summary, out, _ = text_auto
-    search = json.loads((out / "metrics.json").read_text())["strategy_search"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    search = metrics["strategy_search"]
     assert search == summary["strategy_search"]
+    assert metrics["lr_finder"] is None and metrics["batch_size_finder"] is None  # as README says: null when not asked for
     assert [rung["strategy"] for rung in search["rungs"]] == RUNGS
     assert all(rung["status"] == "trained" for rung in search["rungs"]), search["rungs"]
     for rung in search["rungs"]:
