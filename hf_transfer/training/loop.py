@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 
 from hf_transfer.console import bar, is_quiet, say
@@ -31,6 +30,7 @@ from hf_transfer.training.optim import (
     build_scheduler,
     class_weights,
     set_train_mode,
+    training_loss,
 )
 from hf_transfer.training.plan import Callback, Plan
 from hf_transfer.training.state import Loop
@@ -115,13 +115,8 @@ def train(
     def train_step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Forward, backward and update; no CPU synchronisation, so it can be a CUDA graph."""
         inputs, labels = split_batch(batch)
-        logits = model(**inputs)
-        loss = F.cross_entropy(logits.float(), labels, weight=weights, label_smoothing=config.label_smoothing)
         progress_done = min(state.update / max(config.epochs * steps_per_epoch, 1), 1.0)
-        for callback in callbacks:
-            extra = callback.extra_loss(model, inputs, progress_done)
-            if extra is not None:
-                loss = loss + extra
+        loss = training_loss(model(**inputs), labels, model, inputs, config, weights, callbacks, progress_done)
         accelerator.backward(loss)
         if accelerator.sync_gradients and config.max_grad_norm:
             accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)

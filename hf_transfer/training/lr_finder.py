@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
@@ -44,6 +43,7 @@ from hf_transfer.training.optim import (
     class_weights,
     own_rate_key,
     set_train_mode,
+    training_loss,
 )
 from hf_transfer.training.plan import Plan
 from hf_transfer.training.trial import leaves_no_trace
@@ -143,10 +143,8 @@ def lr_range_test(plan: Plan, config: TrainingConfig, accelerator: Accelerator) 
                 inputs, labels = split_batch({k: v.to(device) for k, v in next(batches).items()})
                 with accelerator.autocast():
                     logits = model(**inputs)
-                loss = F.cross_entropy(logits.float(), labels, weight=weights, label_smoothing=config.label_smoothing)
-                for callback in plan.callbacks:  # a domain loss, as training's first step adds it
-                    extra = callback.extra_loss(model, inputs, 0.0)
-                    loss = loss + extra if extra is not None else loss
+                # a domain loss too, as training's first step adds it
+                loss = training_loss(logits, labels, model, inputs, config, weights, plan.callbacks, 0.0)
                 scaler.scale(loss / config.gradient_accumulation_steps).backward()
                 loss_value += float(loss.detach()) / config.gradient_accumulation_steps
             if config.max_grad_norm:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -13,6 +15,9 @@ from transformers import get_scheduler
 from hf_transfer.errors import HfTransferError
 from hf_transfer.recipe import TrainingConfig
 from hf_transfer.sources.base import TransferModel
+
+if TYPE_CHECKING:  # annotations only
+    from hf_transfer.training.plan import Callback
 
 
 def _block_depths(model: TransferModel) -> dict[str, int]:
@@ -106,6 +111,21 @@ def class_weights(setting: str | list[float] | None, train_labels: list[int], nu
     if len(setting) != num_classes:
         raise HfTransferError(f"training.class_weights has {len(setting)} values for {num_classes} classes.")
     return torch.tensor(setting, dtype=torch.float)
+
+
+def training_loss(logits: torch.Tensor, labels: torch.Tensor, model: nn.Module, inputs: dict[str, torch.Tensor],
+                  config: TrainingConfig, weights: torch.Tensor | None, callbacks: Sequence[Callback],
+                  progress: float) -> torch.Tensor:
+    """The objective a training step minimises: the task's cross-entropy plus what callbacks add (a domain loss).
+
+    One definition, so the learning-rate range test minimises what the loop will.
+    """
+    loss = torch.nn.functional.cross_entropy(logits.float(), labels, weight=weights, label_smoothing=config.label_smoothing)
+    for callback in callbacks:
+        extra = callback.extra_loss(model, inputs, progress)
+        if extra is not None:
+            loss = loss + extra
+    return loss
 
 
 def set_train_mode(model: nn.Module) -> None:
