@@ -212,3 +212,21 @@ def test_recipes_that_auto_cannot_serve_are_refused_before_anything_runs(tiny_be
     with pytest.raises(HfTransferError, match="does not resume"):
         run_ladder(recipe(strategy={"name": "auto"}), resume="latest")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_rung_out_of_memory_fails_alone_and_the_cheaper_winner_is_saved(tiny_bert_dir, keyword_data, tmp_path,
+                                                                          monkeypatch):
+    import hf_transfer.ladder.search as search
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(search, "train", out_of_memory)  # every fine-tuning rung; the frozen one uses its solver
+    out = tmp_path / "out"
+    summary = run_ladder(recipe_from_dict(text_recipe(tiny_bert_dir, keyword_data, out, strategy={"name": "auto"})))
+
+    rungs = summary["strategy_search"]["rungs"]
+    assert [rung["status"] for rung in rungs] == ["trained", "failed", "failed", "failed"]
+    assert all("out of memory: a smaller training.batch_size" in rung["reason"] for rung in rungs[1:])
+    assert summary["strategy_search"]["winner"] == "freeze_backbone"
+    assert json.loads((out / "metrics.json").read_text())["strategy"] == "freeze_backbone"

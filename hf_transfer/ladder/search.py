@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
@@ -168,11 +169,17 @@ class Ladder:
             say(self.accelerator, f"strategy auto: rung {number} of {len(LADDER)}, {rung.strategy}")
             try:
                 outcome = self.train_rung(rung.strategy)
-            except HfTransferError as error:
+            except (HfTransferError, torch.OutOfMemoryError) as error:
                 if number == 1:
                     raise  # the frozen rung failing is the data's or the model's fault: every rung would
-                outcome = RungResult(rung.strategy, "failed", str(error))
-                say(self.accelerator, f"strategy auto: {rung.strategy} failed: {error}")
+                # a costlier rung that does not fit loses only itself: the cheaper rungs' models are kept
+                why = str(error) if isinstance(error, HfTransferError) else (
+                    "out of memory: a smaller training.batch_size (or batch_size auto) would fit")
+                self.kept.pop(rung.strategy, None)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                outcome = RungResult(rung.strategy, "failed", why)
+                say(self.accelerator, f"strategy auto: {rung.strategy} failed: {why}")
             self.results.append(outcome)
             if outcome.status == "trained":
                 say(self.accelerator, f"strategy auto: {rung.strategy} reached {self.recipe.training.metric_for_best} "
