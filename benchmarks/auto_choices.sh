@@ -13,10 +13,10 @@ run() {  # NAME ARGS...: one `hf-transfer train`, its wall time and peak memory 
   local name=$1; shift
   /usr/bin/time -f "$name wall %e s, peak RSS %M KB" hf-transfer train --quiet "$@" --output-dir "$OUT/$name"
 }
+# the fixed settings they are compared with: issue 2's (sst2_strategies.sh) and benchmarks/finetune.py's runs
 run sst2_auto "${sst2[@]}" strategy.name=auto
-run sst2_full_lr_auto "${sst2[@]}" strategy.name=full training.lr=auto
-run sst2_full_lr_5e-5 "${sst2[@]}" strategy.name=full training.lr=5e-5
 run ants_auto "${ants[@]}" strategy.name=auto training.epochs=5
+run sst2_full_lr_auto "${sst2[@]}" strategy.name=full training.lr=auto
 run ants_full_lr_auto "${ants[@]}" strategy.name=full training.epochs=5 training.lr=auto
 python - "$OUT" <<'PY'
 import json, sys, pathlib
