@@ -131,6 +131,19 @@ def test_pruning_shrinks_the_layers_and_the_model_still_runs_and_reloads(text_ru
     assert len(list(predict(result.folder, TEXTS))) == 4
 
 
+def test_recovery_fine_tunes_the_pruned_model_with_the_runs_recipe(text_run: Path, tmp_path: Path) -> None:
+    plain = optimize_run(text_run, OptimizeRequest(prune=0.5), tmp_path / "plain").manifest
+    recovered = optimize_run(text_run, OptimizeRequest(prune=0.5, recovery_epochs=1), tmp_path / "recovered").manifest
+    assert recovered["recovery"]["epochs"] == 1 and "accuracy" in recovered["recovery"]["last_epoch"]
+    assert recovered["parameters"] == plain["parameters"]  # the same shrunken shapes, other weights
+    assert recovered["accuracy"]["after"] >= plain["accuracy"]["after"] - 0.05
+    before = load_pytorch_model(tmp_path / "plain", plain).state_dict()
+    after = load_pytorch_model(tmp_path / "recovered", recovered).state_dict()
+    assert not all(torch.equal(before[name], after[name]) for name in before)
+    with pytest.raises(HfTransferError, match="--recovery-epochs fine-tunes a pruned model: add --prune RATIO"):
+        optimize_run(text_run, OptimizeRequest(quantize="int8", recovery_epochs=1))
+
+
 @pytest.fixture(scope="module")
 def image_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = write_colour_folder(tmp_path_factory.mktemp("colours"), train=8, val=4)

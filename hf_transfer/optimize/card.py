@@ -12,6 +12,9 @@ def _steps(manifest: dict) -> list[str]:
         kept = ", ".join(f"{k['heads']} heads / {k['ffn_neurons']} FFN neurons" for k in prune["kept_per_layer"])
         steps.append(f"pruned {prune['ratio']:g} ({prune['method']}); kept per layer: {kept} "
                      f"of {prune['original']['heads']} / {prune['original']['ffn_neurons']}")
+    if manifest["recovery"]:
+        steps.append(f"recovery fine-tune: {manifest['recovery']['epochs']} epoch(s) on the run's training split, "
+                     "the run's recipe, every weight trained")
     if manifest["quantize"]:
         steps.append("int8 dynamic quantisation of the linear layers (CPU)")
     if manifest["onnx"]:

@@ -49,6 +49,7 @@ from hf_transfer.optimize.measure import (
 from hf_transfer.optimize.card import optimized_card
 from hf_transfer.optimize.onnx_export import ATOL, EXPORTER, OPSET, RTOL, check_onnx, export_onnx, quantize_onnx, text_example
 from hf_transfer.optimize.pruning import check_prunable, parameter_count, prune_model
+from hf_transfer.optimize.recovery import recover
 from hf_transfer.training.metrics import split_batch
 
 QUANTIZATIONS = ("int8",)
@@ -170,12 +171,14 @@ def optimize_run(run_dir: str | Path, request: OptimizeRequest, output_dir: str 
     before_labels = predicted_labels(saved.model, batches)
     parameters_before, bytes_before = parameter_count(inner), state_dict_bytes(inner)
     pruning = prune_model(inner, request.prune) if request.prune is not None else None
+    recovery = recover(inner, saved, request.recovery_epochs) if request.recovery_epochs else None
     wrap = LogitsOf if kind == TEXT else PixelLogits
     served = wrap(quantize_int8(copy.deepcopy(inner)) if request.quantize else inner).eval()
     manifest: dict[str, Any] = {
         "format": 1, "source_run": str(run.resolve()), "task": kind, "architecture": architecture,
         "label_names": list(saved.label_names), "head": _head(run, kind),
         "merged_lora": hasattr(saved.model.model, "merge_and_unload"), "prune": pruning,
+        "recovery": recovery,
         "quantize": request.quantize, "serve": ONNX_RUNTIME if request.onnx else PYTORCH, "onnx": None,
     }
     with tempfile.TemporaryDirectory(prefix="hf-transfer-optimize-") as temporary:
