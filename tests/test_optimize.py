@@ -145,14 +145,19 @@ def test_recovery_fine_tunes_the_pruned_model_with_the_runs_recipe(text_run: Pat
 
 
 @pytest.fixture(scope="module")
-def image_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data = write_colour_folder(tmp_path_factory.mktemp("colours"), train=8, val=4)
+def image_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_colour_folder(tmp_path_factory.mktemp("colours"), train=8, val=4)
+
+
+@pytest.fixture(scope="module")
+def image_run(image_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = tmp_path_factory.mktemp("runs") / "image"
-    run_training(recipe_from_dict(image_recipe(data, output, model={"name": "test_efficientnet", "pretrained": False})))
+    recipe = image_recipe(image_data, output, model={"name": "test_efficientnet", "pretrained": False})
+    run_training(recipe_from_dict(recipe))
     return output
 
 
-def test_onnx_image_matches_pytorch_for_other_batch_sizes(image_run: Path, tmp_path: Path) -> None:
+def test_onnx_image_matches_pytorch_for_other_batch_sizes(image_run: Path, image_data: Path, tmp_path: Path) -> None:
     result = optimize_run(image_run, OptimizeRequest(onnx=True), tmp_path / "onnx")
     assert result.manifest["onnx"]["dynamic_axes"] == ["batch"]
     original, exported = load_saved_run(image_run), load_saved_run(result.folder)
@@ -161,6 +166,8 @@ def test_onnx_image_matches_pytorch_for_other_batch_sizes(image_run: Path, tmp_p
         with torch.no_grad():
             torch.testing.assert_close(exported.model(pixel_values=pixels), original.model(pixel_values=pixels),
                                        atol=1e-4, rtol=1e-3)
+    images = [str(image_data / "val")]
+    assert [p.labels for p in predict(result.folder, images)] == [p.labels for p in predict(image_run, images)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,8 +4,9 @@ Exporter: torch.onnx.export with dynamo=False (the TorchScript exporter) and `dy
 Checked on torch 2.14: it exports BERT (batch and sequence length dynamic) and timm EfficientNet
 (batch dynamic) to graphs that match PyTorch to ~1e-8 under ONNX Runtime, needs no package beyond
 onnx, and takes ~1 s where the dynamo exporter (dynamo=True, the default) takes 5-10 s on a tiny
-model and needs onnxscript as well; both gave the same logits. optimum's exporter pins
-transformers below 5, so it is not used.
+model and needs onnxscript as well; both gave the same logits. torch 2.14 marks the TorchScript
+path deprecated (a DeprecationWarning): moving to dynamo=True means `dynamic_shapes` instead of
+`dynamic_axes` and onnxscript in the extra. optimum's exporter pins transformers below 5: not used.
 """
 
 from __future__ import annotations
