@@ -170,6 +170,35 @@ def test_onnx_image_matches_pytorch_for_other_batch_sizes(image_run: Path, image
     assert [p.labels for p in predict(result.folder, images)] == [p.labels for p in predict(image_run, images)]
 
 
+def test_cnn_pruning_removes_channels_recovers_exports_and_reloads(image_run: Path, image_data: Path,
+                                                                  tmp_path: Path) -> None:
+    request = OptimizeRequest(prune=0.3, recovery_epochs=1, onnx=True)
+    manifest = optimize_run(image_run, request, tmp_path / "pruned").manifest
+    channels = manifest["prune"]["conv_channels"]
+    assert channels["after"] < channels["before"] and manifest["parameters"]["after"] < manifest["parameters"]["before"]
+    assert manifest["prune"]["library"].startswith("torch-pruning ") and manifest["recovery"]["epochs"] == 1
+    reloaded = load_pytorch_model(tmp_path / "pruned", manifest)  # the shrunken convolutions rebuilt from the weights
+    assert sum(m.out_channels for m in reloaded.modules() if isinstance(m, torch.nn.Conv2d)) == channels["after"]
+    with torch.no_grad():
+        assert reloaded(torch.randn(3, 3, 32, 32)).shape == (3, 2)
+    images = [str(image_data / "val")]
+    assert len(list(predict(tmp_path / "pruned", images))) == 8
+
+
+def test_a_mean_pooled_text_run_prunes_and_quantises(tiny_bert_dir: Path, text_data: Path, tmp_path: Path) -> None:
+    from hf_transfer.recipe import recipe_from_dict as build
+
+    recipe = {
+        "task": "text", "model": {"name": str(tiny_bert_dir)}, "head": {"pooling": "mean"},
+        "data": {"path": str(text_data), "text_column": "text", "label_column": "label", "max_length": 32},
+        "training": {"epochs": 1, "batch_size": 16, "lr": 2e-3, "seed": 0}, "output": {"dir": str(tmp_path / "run")},
+    }
+    run_training(build(recipe))
+    manifest = optimize_run(tmp_path / "run", OptimizeRequest(prune=0.5, quantize="int8"), tmp_path / "opt").manifest
+    assert manifest["architecture"] == "mean_pooled" and manifest["prune"]["kept_per_layer"][0]["ffn_neurons"] == 32
+    assert [len(p.labels) for p in predict(tmp_path / "opt", TEXTS)] == [1] * 4
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: one clear error each, nothing written
 
@@ -190,19 +219,28 @@ def test_a_ratio_outside_zero_one_is_refused(text_run: Path, ratio: float) -> No
     assert not (text_run / "optimized").exists()
 
 
-def test_pruning_an_image_model_is_refused_by_name(image_run: Path) -> None:
-    with pytest.raises(HfTransferError, match="--prune: image models cannot be pruned yet"):
-        optimize_run(image_run, OptimizeRequest(prune=0.3))
+def test_an_image_model_without_convolutions_is_refused_by_name() -> None:
+    import timm
+
+    from hf_transfer.optimize.cnn_pruning import prune_cnn
+
+    with pytest.raises(HfTransferError, match=r"--prune: VisionTransformer has attention layers \(Attention\)"):
+        prune_cnn(timm.create_model("test_vit", img_size=32, num_classes=2), 0.3, torch.randn(1, 3, 32, 32))
 
 
-def test_a_missing_optional_package_names_the_install_command(text_run: Path, monkeypatch) -> None:
+def test_a_missing_optional_package_names_the_install_command(text_run: Path, image_run: Path, monkeypatch) -> None:
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    missing = {"onnxruntime", "torch_pruning"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else real(name, *a))
     with pytest.raises(HfTransferError) as error:
         optimize_run(text_run, OptimizeRequest(onnx=True))
     assert str(error.value) == ("--onnx needs the optional package onnxruntime: "
+                                "pip install 'hf-transfer-learning[optimize]'")
+    with pytest.raises(HfTransferError) as error:
+        optimize_run(image_run, OptimizeRequest(prune=0.3))
+    assert str(error.value) == ("--prune on an image model needs the optional package torch_pruning: "
                                 "pip install 'hf-transfer-learning[optimize]'")
 
 

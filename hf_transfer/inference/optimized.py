@@ -80,17 +80,46 @@ ARCHITECTURES: dict[str, Callable[[Path, dict, bool], nn.Module]] = {
 }
 
 
+def _resize_conv(module: nn.Module, weight: torch.Tensor) -> None:
+    depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+    module.out_channels = weight.shape[0]
+    module.groups = weight.shape[0] if depthwise else module.groups  # a depthwise conv stays depthwise
+    module.in_channels = weight.shape[1] * module.groups
+
+
+def _resize_linear(module: nn.Module, weight: torch.Tensor) -> None:
+    module.out_features, module.in_features = weight.shape
+
+
+def _resize_norm(module: nn.Module, weight: torch.Tensor) -> None:
+    module.num_features = weight.shape[0]
+
+
+# the layer types a pruned model may hold at a shrunken size -> the size fields their forward reads
+RESIZERS: dict[type, Callable[[nn.Module, torch.Tensor], None]] = {
+    nn.Linear: _resize_linear, nn.Conv2d: _resize_conv, nn.modules.batchnorm._BatchNorm: _resize_norm,
+}
+
+
 def resize_to_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Give every layer the shape its saved weights have: a pruned model is rebuilt at its original
-    size from the config, then its shrunken layers are replaced by layers of the saved size."""
-    for name, module in list(model.named_modules()):
-        weight = weights.get(f"{name}.weight")
-        if weight is None or weight.shape == getattr(module, "weight", weight).shape:
+    """Give every layer the shape its saved weights have: a pruned model is rebuilt at its original size
+    from the config, then each shrunken layer gets tensors of the saved shapes (filled by load_state_dict)
+    and its size fields. In place, so subclasses (timm's Conv2dSame, BatchNormAct2d) keep their type."""
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        own = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
+        changed = {key for key, tensor in own.items()
+                   if tensor is not None and prefix + key in weights and weights[prefix + key].shape != tensor.shape}
+        if not changed:
             continue
-        if type(module) is not nn.Linear:
+        resize = next((fn for kind, fn in RESIZERS.items() if isinstance(module, kind)), None)
+        if resize is None:
             raise HfTransferError(f"{name} ({type(module).__name__}) has a saved shape the loader cannot rebuild.")
-        out_features, in_features = weight.shape
-        model.set_submodule(name, nn.Linear(in_features, out_features, bias=module.bias is not None))
+        for key in changed:
+            saved = weights[prefix + key]
+            tensor = torch.empty(saved.shape, dtype=saved.dtype)
+            setattr(module, key, nn.Parameter(tensor) if key in dict(module.named_parameters(recurse=False)) else tensor)
+        resize(module, weights[prefix + "weight"])
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:

@@ -9,9 +9,12 @@ def _steps(manifest: dict) -> list[str]:
     steps = ["LoRA merged into the weights (peft merge_and_unload)"] if manifest["merged_lora"] else []
     if manifest["prune"]:
         prune = manifest["prune"]
-        kept = ", ".join(f"{k['heads']} heads / {k['ffn_neurons']} FFN neurons" for k in prune["kept_per_layer"])
-        steps.append(f"pruned {prune['ratio']:g} ({prune['method']}); kept per layer: {kept} "
-                     f"of {prune['original']['heads']} / {prune['original']['ffn_neurons']}")
+        if "kept_per_layer" in prune:  # a transformer: heads and FFN neurons per layer
+            kept = ", ".join(f"{k['heads']} heads / {k['ffn_neurons']} FFN neurons" for k in prune["kept_per_layer"])
+            kept = f"kept per layer: {kept} of {prune['original']['heads']} / {prune['original']['ffn_neurons']}"
+        else:  # a CNN: convolution channels
+            kept = f"convolution channels {prune['conv_channels']['before']:,} -> {prune['conv_channels']['after']:,}"
+        steps.append(f"pruned {prune['ratio']:g} ({prune['method']}); {kept}")
     if manifest["recovery"]:
         steps.append(f"recovery fine-tune: {manifest['recovery']['epochs']} epoch(s) on the run's training split, "
                      "the run's recipe, every weight trained")

@@ -51,13 +51,19 @@ def export_onnx(model: nn.Module, example: dict[str, torch.Tensor], path: Path, 
     names = list(example)
     dynamic = {0: "batch", 1: "sequence"} if dynamic_sequence else {0: "batch"}
     wrapper = _Positional(model, names).eval()  # the exporter restores the wrapper's mode: eval, never dropout
-    with torch.no_grad():
-        torch.onnx.export(
-            wrapper, tuple(example[name] for name in names), str(path), dynamo=False, opset_version=OPSET,
-            input_names=names, output_names=["logits"],
-            dynamic_axes={**{name: dynamic for name in names}, "logits": {0: "batch"}},
-        )
-    model.eval()
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                wrapper, tuple(example[name] for name in names), str(path), dynamo=False, opset_version=OPSET,
+                input_names=names, output_names=["logits"],
+                dynamic_axes={**{name: dynamic for name in names}, "logits": {0: "batch"}},
+            )
+    except Exception as error:  # an operator the exporter lacks, say: the model's, not the user's, but one line
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise HfTransferError(f"Exporting the model to ONNX failed ({type(error).__name__}: {first_line}); "
+                              "nothing was written. Optimise without --onnx.") from None
+    finally:
+        model.eval()
     return names
 
 

@@ -57,7 +57,7 @@ QUANTIZATIONS = ("int8",)
 
 @dataclass
 class OptimizeRequest:
-    prune: float | None = None  # share of attention heads and FFN neurons to remove, in (0, 1)
+    prune: float | None = None  # share of attention heads and FFN neurons (text) or channels (CNN) to remove, in (0, 1)
     quantize: str | None = None  # "int8": dynamic quantisation of the linear layers
     onnx: bool = False
     recovery_epochs: int = 0
@@ -73,7 +73,7 @@ def check_request(request: OptimizeRequest) -> None:
     if request.prune is None and request.quantize is None and not request.onnx:
         raise HfTransferError("Nothing to do: give --prune RATIO, --quantize int8 and/or --onnx.")
     if request.prune is not None and not 0 < request.prune < 1:
-        raise HfTransferError(f"--prune {request.prune:g}: give the share of heads and neurons to remove, "
+        raise HfTransferError(f"--prune {request.prune:g}: give the share of heads, neurons or channels to remove, "
                               "strictly between 0 and 1 (e.g. 0.3).")
     if request.quantize is not None and request.quantize not in QUANTIZATIONS:
         raise HfTransferError(f"--quantize {request.quantize}: choose one of {', '.join(QUANTIZATIONS)}.")
@@ -170,7 +170,7 @@ def optimize_run(run_dir: str | Path, request: OptimizeRequest, output_dir: str 
     batches = validation_batches(saved)
     before_labels = predicted_labels(saved.model, batches)
     parameters_before, bytes_before = parameter_count(inner), state_dict_bytes(inner)
-    pruning = prune_model(inner, request.prune) if request.prune is not None else None
+    pruning = prune_model(kind, inner, request.prune, batches[0]) if request.prune is not None else None
     recovery = recover(inner, saved, request.recovery_epochs) if request.recovery_epochs else None
     wrap = LogitsOf if kind == TEXT else PixelLogits
     served = wrap(quantize_int8(copy.deepcopy(inner)) if request.quantize else inner).eval()
@@ -189,7 +189,7 @@ def optimize_run(run_dir: str | Path, request: OptimizeRequest, output_dir: str 
         write_json(work / OPTIMIZED_FILE, manifest)
         reloaded = load_optimized(work, trust_remote_code=trust_remote_code)
         after_labels = predicted_labels(reloaded.model, batches)
-        if not torch.equal(after_labels, predicted_labels(served, batches)) and not request.onnx:
+        if not request.onnx and not torch.equal(after_labels, predicted_labels(served, batches)):
             raise HfTransferError("The optimised folder, loaded back, labels the validation split differently from "
                                   "the model it was saved from; nothing was written. Report this to hf-transfer.")
         manifest.update(_report(saved, reloaded.model, batches, before_labels, after_labels, parameters_before,

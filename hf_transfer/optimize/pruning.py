@@ -1,4 +1,5 @@
-"""Structured pruning that removes work: whole attention heads and FFN neurons of BERT-family layers.
+"""Structured pruning that removes work: whole attention heads and FFN neurons of BERT-family layers
+(text); channels of a CNN's convolutions (images, optimize/cnn_pruning.py).
 
 torch.nn.utils.prune only masks weights (the matrices keep their size, nothing gets faster) and
 transformers 5 dropped `prune_heads`, so the layers are shrunk here by hand: the kept rows of the
@@ -15,25 +16,18 @@ layer); the loader rebuilds the shrunken layers from the saved weights' shapes.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from hf_transfer.errors import HfTransferError
-from hf_transfer.export.layout import TEXT
+from hf_transfer.export.layout import IMAGE, TEXT
+from hf_transfer.inference.optimized import require
 
 # model types whose layers are BERT's: encoder.layer[i].attention.self.{query,key,value}, ...
 BERT_LAYOUT = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
 METHOD = "structured: attention heads and FFN neurons by weight magnitude, removed physically"
-
-
-def check_prunable(kind: str) -> None:
-    """Refuse, before any work, a modality this slice cannot prune."""
-    if kind != TEXT:
-        raise HfTransferError(
-            f"--prune: {kind} models cannot be pruned yet (pruning covers BERT-family text encoders: attention "
-            "heads and FFN neurons); use --quantize int8 and/or --onnx for this run."
-        )
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -97,15 +91,40 @@ def _prune_ffn(layer: nn.Module, ratio: float) -> int:
 
 
 @torch.no_grad()
-def prune_model(model: nn.Module, ratio: float) -> dict:
+def prune_transformer(model: nn.Module, ratio: float) -> dict:
     """Remove `ratio` of every layer's attention heads and FFN neurons in place; what was kept, per layer."""
     layers = _layers(model)
     config = model.config
     head_size = config.hidden_size // config.num_attention_heads
-    before = parameter_count(model)
     kept = [{"heads": _prune_heads(layer, head_size, ratio), "ffn_neurons": _prune_ffn(layer, ratio)} for layer in layers]
     return {
         "ratio": ratio, "method": METHOD,
         "original": {"heads": config.num_attention_heads, "ffn_neurons": config.intermediate_size},
-        "kept_per_layer": kept, "parameters_before": before, "parameters_after": parameter_count(model),
+        "kept_per_layer": kept,
     }
+
+
+def check_prunable(kind: str) -> None:
+    """Refuse, before any work, pruning that cannot run here (an image model without Torch-Pruning)."""
+    if kind == IMAGE:
+        require("torch_pruning", "--prune on an image model")
+
+
+def _prune_image(model: nn.Module, ratio: float, batch: dict[str, torch.Tensor]) -> dict:
+    from hf_transfer.optimize.cnn_pruning import prune_cnn
+
+    return prune_cnn(model, ratio, batch["pixel_values"])
+
+
+# the run's kind -> how its model is pruned in place (given a batch for tracing), and what was kept
+PRUNERS: dict[str, Callable[[nn.Module, float, dict[str, torch.Tensor]], dict]] = {
+    TEXT: lambda model, ratio, _batch: prune_transformer(model, ratio),
+    IMAGE: _prune_image,
+}
+
+
+def prune_model(kind: str, model: nn.Module, ratio: float, batch: dict[str, torch.Tensor]) -> dict:
+    """Prune `model` in place as its kind is pruned; the parameter counts before and after included."""
+    before = parameter_count(model)
+    report = PRUNERS[kind](model, ratio, batch)
+    return {**report, "parameters_before": before, "parameters_after": parameter_count(model)}
