@@ -153,7 +153,9 @@ class OnnxClassifier(nn.Module):
         require("onnxruntime", "Running the ONNX model")
         import onnxruntime
 
-        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # the threads torch would use, not every core
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = input_names
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:

@@ -212,7 +212,8 @@ def _report(saved: SavedModel, optimized: nn.Module, batches: list[dict], before
             parameters_before: int, parameters_after: int, bytes_before: int, work: Path, onnx: bool,
             served: nn.Module) -> dict:
     bytes_after = (work / ONNX_FILE).stat().st_size if onnx else state_dict_bytes(served)
-    latency = {"threads": torch.get_num_threads()}
+    first = next(iter(split_batch(batches[0])[0].values()))
+    latency = {"threads": torch.get_num_threads(), "input_shape_per_example": list(first.shape[1:])}
     for size in (1, 32):
         inputs = repeated(batches[0], size)
         latency[f"batch_{size}"] = {"before": latency_ms(saved.model, inputs),
