@@ -197,6 +197,35 @@ def predict_command(args: argparse.Namespace) -> None:
         print(format_prediction(prediction, args.format), flush=True)
 
 
+def _add_optimize(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser(
+        "optimize", parents=[CONSOLE_FLAGS],
+        help="Make a finished run's model smaller and faster for inference: prune, int8, ONNX (OUT/optimized/).",
+    )
+    parser.add_argument("output_dir", help="Output folder of a finished text or image run (read, never changed).")
+    parser.add_argument("--prune", type=float, metavar="RATIO",
+                        help="Remove this share (0 < RATIO < 1) of every layer's attention heads and FFN neurons (text).")
+    parser.add_argument("--quantize", choices=("int8",), help="int8 dynamic quantisation of the linear layers (CPU).")
+    parser.add_argument("--onnx", action="store_true", help="Export to ONNX (LoRA merged first) and serve with ONNX Runtime.")
+    parser.add_argument("--recovery-epochs", type=int, default=0, metavar="N",
+                        help="After pruning, fine-tune N epochs on the run's training data with its recipe.")
+    parser.add_argument("--output-dir", dest="destination", help="Where to write (default OUTPUT_DIR/optimized).")
+    parser.add_argument("--overwrite", action="store_true", help="Allow writing into a non-empty destination.")
+    add_trust_argument(parser)
+
+
+def optimize_command(args: argparse.Namespace) -> None:
+    from hf_transfer.optimize import OptimizeRequest, optimize_run
+
+    request = OptimizeRequest(prune=args.prune, quantize=args.quantize, onnx=args.onnx,
+                              recovery_epochs=args.recovery_epochs)
+    result = optimize_run(args.output_dir, request, args.destination, overwrite=args.overwrite,
+                          trust_remote_code=args.trust_remote_code)
+    accuracy, size = result.manifest["accuracy"], result.manifest["size_bytes"]
+    print(f"validation accuracy {accuracy['before']:.4f} -> {accuracy['after']:.4f}, "
+          f"{size['before'] / 1e6:.2f} MB -> {size['after'] / 1e6:.2f} MB; written to {result.folder}")
+
+
 def _add_recipes(subcommands: argparse._SubParsersAction) -> None:
     subcommands.add_parser("recipes", parents=[CONSOLE_FLAGS], help="List the recipes --recipe can name, with what each does.")
 
@@ -219,6 +248,7 @@ COMMANDS = {
     "push": push_command,
     "recipes": recipes_command,
     "rank": rank_command,
+    "optimize": optimize_command,
 }
 
 
@@ -234,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_push(subcommands)
     _add_recipes(subcommands)
     _add_rank(subcommands)
+    _add_optimize(subcommands)
     return parser
 
 

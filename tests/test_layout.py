@@ -13,11 +13,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hf_transfer"
 # data's: a recipe names a source, data and a strategy; the loop trains the plan a task builds; the
 # cache and domain adaptation turn a task's plan into another plan; export lays out the output
 # folder that tasks write into and inference reads from; selection scores source models through the
-# tasks' plans and the cache; run and the CLI sit on top of everything, with strategy auto's ladder
-# between them (it trains each rung with run's pieces, and the CLI dispatches to it).
+# tasks' plans and the cache; optimize works on what inference loads; run and the CLI sit on top of
+# everything, with strategy auto's ladder between them (it trains each rung with run's pieces, and
+# the CLI dispatches to it).
 STAGES = [
     "errors", "console", "recipe", "sources", "data", "training", "strategies", "cache", "export", "tasks",
-    "adaptation", "selection", "inference", "run", "ladder", "launch", "cli",
+    "adaptation", "selection", "inference", "optimize", "run", "ladder", "launch", "cli",
     "adapted_model", "multimodal", "predict",  # import paths pushed cards name: thin re-exports
 ]
 MAX_LINES = 400

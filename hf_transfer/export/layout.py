@@ -32,11 +32,16 @@ POOLING_DIR = "1_Pooling"
 DENSE_DIR = "2_Dense"
 MERGED_DIR = "merged"  # LoRA runs with strategy.merge_lora: the merged full model
 EVALUATIONS_DIR = "evaluations"
+# `hf-transfer optimize`: OUT/optimized/ with its manifest, the float weights (pruned, LoRA merged), an ONNX file
+OPTIMIZED_DIR = "optimized"
+OPTIMIZED_FILE = "optimized.json"
+WEIGHTS_FILE = "model.safetensors"
+ONNX_FILE = "model.onnx"
 
 # folder kinds: a model one library loads (text: transformers / peft, image: timm), or one that
-# hf_transfer's own loader rebuilds (two_tower, adapted)
-TEXT, IMAGE, TWO_TOWER, ADAPTED = "text", "image", "two_tower", "adapted"
-_MARKERS = {MULTIMODAL_FILE: TWO_TOWER, ADAPTATION_FILE: ADAPTED}
+# hf_transfer's own loader rebuilds (two_tower, adapted, optimized)
+TEXT, IMAGE, TWO_TOWER, ADAPTED, OPTIMIZED = "text", "image", "two_tower", "adapted", "optimized"
+_MARKERS = {MULTIMODAL_FILE: TWO_TOWER, ADAPTATION_FILE: ADAPTED, OPTIMIZED_FILE: OPTIMIZED}
 
 
 def _recipe_task(folder: Path) -> str | None:
@@ -48,7 +53,7 @@ def _recipe_task(folder: Path) -> str | None:
 
 
 def folder_kind(folder: Path) -> str:
-    """TEXT, IMAGE, TWO_TOWER or ADAPTED; a folder that is none of them reads as IMAGE, whose loader says why."""
+    """TEXT, IMAGE, TWO_TOWER, ADAPTED or OPTIMIZED; a folder that is none of them reads as IMAGE, whose loader says why."""
     for marker, kind in _MARKERS.items():
         if (folder / marker).is_file():
             return kind

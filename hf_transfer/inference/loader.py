@@ -3,7 +3,8 @@
 What a run wrote is enough to rebuild its model: the recipe (recipe.yaml), the label names
 (metrics.json, or the model's own config), and the weights the library saved. Weights are read
 from safetensors only; custom modelling code runs only when the run's recipe allowed it. The
-folder's kind (export/layout.py) picks the loader from `LOADERS`.
+folder's kind (export/layout.py) picks the loader from `LOADERS`; an optimised folder
+(`hf-transfer optimize`) loads through inference/optimized.py.
 """
 
 from __future__ import annotations
@@ -11,12 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import torch
-import yaml
 from torch import nn
 
 from hf_transfer.errors import HfTransferError
@@ -27,7 +24,7 @@ from hf_transfer.export.layout import (
     DENSE_DIR,
     HEAD_INFO_FILE,
     IMAGE,
-    METRICS_FILE,
+    OPTIMIZED,
     POOLING_DIR,
     RECIPE_FILE,
     SENTENCE_MODULES_FILE,
@@ -35,79 +32,20 @@ from hf_transfer.export.layout import (
     TWO_TOWER,
     folder_kind,
 )
-from hf_transfer.recipe import HeadConfig, ModelConfig, Recipe, recipe_from_dict
-
-
-@dataclass
-class SavedModel:
-    """A saved classifier, in eval mode: `model(**batch)` maps a batch (without labels) to logits."""
-
-    model: nn.Module
-    label_names: list[str]
-    kind: str
-    recipe: Recipe | None  # None for a folder another tool exported (a stock timm folder)
-    tokenizer: Any = None  # text models
-    transform: Callable | None = None  # image models: the model's own eval preprocessing
-
-
-def run_recipe(folder: Path) -> Recipe:
-    """The recipe a run saved in its output folder."""
-    path = folder / RECIPE_FILE
-    if not path.is_file():
-        raise HfTransferError(
-            f"{folder} has no recipe.yaml: give the output folder of an hf-transfer run "
-            "(image folders exported by timm also work with `predict`)."
-        )
-    try:
-        values = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError):
-        values = None
-    if not isinstance(values, dict):
-        raise HfTransferError(f"{path} is not a recipe (a YAML mapping of sections).")
-    missing = [f.name for f in dataclasses.fields(Recipe) if f.name not in values]
-    if missing:  # a run writes every section: a missing one means a damaged file, not a default
-        raise HfTransferError(f"{path} lacks the section(s) {missing}; it is damaged: train again or restore it.")
-    return recipe_from_dict(values)
-
-
-def run_label_names(folder: Path) -> list[str]:
-    """Label names in id order: from metrics.json, else from the model's config.json."""
-    metrics = folder / METRICS_FILE
-    if metrics.is_file():
-        names = _read_json(metrics).get("eval", {}).get("confusion_matrix", {}).get("labels")
-        if names:
-            return list(names)
-    config = folder / CONFIG_FILE
-    if config.is_file():
-        id2label = _read_json(config).get("id2label")
-        if id2label:
-            return [id2label[str(i)] for i in range(len(id2label))]
-    raise HfTransferError(f"{folder} records no label names (no metrics.json or config.json with id2label).")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        values = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise HfTransferError(f"Cannot read {path} ({error}); it may be truncated: train again or restore it.") from None
-    if not isinstance(values, dict):
-        raise HfTransferError(f"{path} is not a JSON object; it may be damaged: train again or restore it.")
-    return values
+from hf_transfer.inference.optimized import load_optimized
+from hf_transfer.inference.saved import (  # noqa: F401  (re-exported: callers import them from here)
+    LogitsOf,
+    PixelLogits,
+    SavedModel,
+    _read_json,
+    run_label_names,
+    run_recipe,
+)
+from hf_transfer.recipe import HeadConfig, ModelConfig
 
 
 # ---------------------------------------------------------------------------------------------
 # Text: transformers (or peft on the source model)
-
-
-class LogitsOf(nn.Module):
-    """The logits of a transformers classifier, so it fits loops that expect `model(**batch) -> logits`."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
-        return self.model(**inputs).logits
 
 
 def _refuse_remote_code(folder: Path) -> None:
@@ -239,17 +177,6 @@ def load_saved_model(folder: str | Path) -> tuple[nn.Module, list[str]]:
     return model.eval(), label_names
 
 
-class PixelLogits(nn.Module):
-    """A timm (or peft-wrapped timm) model called the way the loops call models: `model(pixel_values=...)`."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: torch.Tensor, **_unused: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values)
-
-
 def load_image_classifier(folder: Path, trust_remote_code: bool = False) -> SavedModel:  # timm runs no remote code
     from timm.data import create_transform, resolve_data_config
 
@@ -277,6 +204,7 @@ LOADERS: dict[str, Callable[..., SavedModel]] = {
     # two towers and adapted heads are not one library's classifier: they load in Python instead
     TWO_TOWER: _python_only("a two-tower model; load it with hf_transfer.multimodal.load_two_tower(folder)"),
     ADAPTED: _python_only("a domain-adapted model; load it with hf_transfer.adapted_model.load_adapted_model(folder)"),
+    OPTIMIZED: load_optimized,  # `hf-transfer optimize`'s folder: PyTorch (float or int8) or ONNX Runtime
 }
 
 
