@@ -204,7 +204,8 @@ def _add_optimize(subcommands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("output_dir", help="Output folder of a finished text or image run (read, never changed).")
     parser.add_argument("--prune", type=float, metavar="RATIO",
-                        help="Remove this share (0 < RATIO < 1) of every layer's attention heads and FFN neurons (text).")
+                        help="Remove this share (0 < RATIO < 1) of every layer's attention heads and FFN neurons (text) "
+                             "or of each CNN block's channels (images), the least important first.")
     parser.add_argument("--quantize", choices=("int8",), help="int8 dynamic quantisation of the linear layers (CPU).")
     parser.add_argument("--onnx", action="store_true", help="Export to ONNX (LoRA merged first) and serve with ONNX Runtime.")
     parser.add_argument("--recovery-epochs", type=int, default=0, metavar="N",
