@@ -71,6 +71,19 @@ def test_head_first_true_where_it_cannot_apply_is_one_clear_error(tiny_bert_dir,
     assert not (tmp_path / "out").exists()
 
 
+
+def test_head_first_auto_fits_the_head_first_for_images_and_not_for_text(tiny_bert_dir, keyword_data, tmp_path):
+    from test_vision import image_recipe, write_colour_folder
+
+    from hf_transfer.recipe import recipe_from_dict
+    from hf_transfer.run import run_training
+
+    colours = write_colour_folder(tmp_path / "colours")
+    image = run_training(recipe_from_dict(image_recipe(colours, tmp_path / "image")))  # full, head_first by default
+    assert image["head_first"]["accuracy"] >= 0.9  # the colour decides: the probe alone gets it
+    text = train(tiny_bert_dir, keyword_data, tmp_path / "text", strategy={"name": "full"})
+    assert "head_first" not in text
+
 class _Step:
     """What BatchMixing reads of a running loop: the epoch, the batch and the process."""
 

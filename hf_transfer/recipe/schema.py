@@ -120,13 +120,13 @@ class StrategyConfig:
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA settings (strategy lora)."})
     merge_lora: bool = _f(False, "lora: also save a merged full model under OUTPUT/merged.")
     head_first: bool | Literal["auto"] = _f(
-        False,
+        "auto",
         "partial, full, gradual_unfreeze: fit the head before the backbone moves, as a logistic regression on the "
         "frozen backbone's cached features (the head.solver fit), so fine-tuning starts from the linear probe instead "
         "of a zero head (linear probing then fine-tuning, LP-FT; fastai's fine_tune trains the head first too). "
-        "auto: wherever the head is one linear layer and the frozen-feature cache can serve the task; true: the same, "
-        "an error where it cannot; false (the default: it has not been measured to lift the last epoch, "
-        "benchmarks/BENCHMARKS.md): the head starts at zero.",
+        "auto (the default): for image tasks, wherever the head is one linear layer and the frozen-feature cache can "
+        "serve the task (measured to lift fine-tuning's last epoch on images, neutral on text: "
+        "benchmarks/BENCHMARKS.md); true: for any task, an error where it cannot; false: the head starts at zero.",
     )
 
 
