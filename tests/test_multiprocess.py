@@ -101,6 +101,7 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tiny_ber
     assert [r["step"] for r in log if "step" in r] == list(range(1, 21))
     listing = lambda run: sorted(p.name for p in (tmp_path / run).iterdir())  # noqa: E731
     assert listing("two") == listing("one")
-    checkpoint = next((tmp_path / "two" / "checkpoints").iterdir())
+    # one checkpoint, whole: no process wrote into a temporary folder after the main process had renamed it
+    [checkpoint] = list((tmp_path / "two" / "checkpoints").iterdir())
     # the one exception: each process keeps its own RNG state in the checkpoint, for an exact resume
     assert sorted(p.name for p in checkpoint.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]

@@ -260,6 +260,10 @@ class Checkpointer:
                 f"Writing the checkpoint of step {state.update} failed ({error.strerror or error}); the partial "
                 f"checkpoint was removed. {self.describe_last_good()} Free some space, then resume."
             ) from None
+        # every process has written its RNG state into the temporary folder before the main process renames it:
+        # without this barrier a slower process recreates the temporary folder after the rename, leaving its
+        # random_states file outside the checkpoint (seen under load with two CPU processes)
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             if final.exists():  # the same step saved again; cannot happen in the loop, but be safe
                 shutil.rmtree(final)
