@@ -78,8 +78,8 @@ def fit_head_first(plan: Plan, training: TrainingConfig, views: Sequence[torch.T
 
 
 # strategy.head_first auto fits the head first for these tasks only: on three image sets it lifted full
-# fine-tuning's last epoch (+0.7, +1.2, +4.8 points); on text it was within the seed spread (SST-2 sample,
-# two seeds), so text keeps the zero head (benchmarks/BENCHMARKS.md, issue 11)
+# fine-tuning's last epoch (+0.7, +1.2, +4.8 points); on text it did not help (SST-2 sample, two seeds: within
+# the spread; Amazon electronics: 2 points under), so text keeps the zero head (benchmarks/BENCHMARKS.md, issue 11)
 AUTO_TASKS = ("image",)
 
 
