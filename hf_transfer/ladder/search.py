@@ -175,11 +175,11 @@ class Ladder:
                 # a costlier rung that does not fit loses only itself: the cheaper rungs' models are kept
                 why = str(error) if isinstance(error, HfTransferError) else (
                     "out of memory: a smaller training.batch_size (or batch_size auto) would fit")
-                self.kept.pop(rung.strategy, None)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
                 outcome = RungResult(rung.strategy, "failed", why)
                 say(self.accelerator, f"strategy auto: {rung.strategy} failed: {why}")
+            if outcome.status == "failed" and torch.cuda.is_available():
+                # outside the except block: there the error's traceback still holds the failed rung's model
+                torch.cuda.empty_cache()
             self.results.append(outcome)
             if outcome.status == "trained":
                 say(self.accelerator, f"strategy auto: {rung.strategy} reached {self.recipe.training.metric_for_best} "
