@@ -52,6 +52,9 @@ CONFIGS = {
         "frozen": ["strategy.name=freeze_backbone"],
         "full": [*FINE_TUNE_TEXT, "strategy.name=full", "strategy.head_first=false"],
         "full_head_first": [*FINE_TUNE_TEXT, "strategy.name=full", "strategy.head_first=true"],
+        # issue 14: how long a length-sorted window may be before accuracy suffers, and bf16 on the CPU
+        **{f"full_window{w}": [*FINE_TUNE_TEXT, "strategy.name=full", f"data.length_window={w}"] for w in (1, 4, 16, 50)},
+        "full_window50_bf16": [*FINE_TUNE_TEXT, "strategy.name=full", "data.length_window=50", "training.mixed_precision=bf16"],
         "lora": [*FINE_TUNE_TEXT, "strategy.name=lora", "training.lr=5e-4", "strategy.head_first=false"],
         "lora_head_first": [*FINE_TUNE_TEXT, "strategy.name=lora", "training.lr=5e-4", "strategy.head_first=true"],
     },

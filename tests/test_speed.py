@@ -68,7 +68,7 @@ def test_length_grouped_batches_carry_little_padding() -> None:
     order = list(range(len(lengths)))
     rng.shuffle(order)
     random_batches = [order[i:i + 32] for i in range(0, len(order), 32)]
-    # small windows keep batches varied (see GROUP_BATCHES) yet pad far less than random batches
+    # windows keep batches varied (data.length_window) yet pad far less than random batches
     assert padding_efficiency(grouped) > 0.6 > 0.45 > padding_efficiency(random_batches)
     assert max(lengths[i] for i in grouped[0]) == max(lengths)  # the longest batch comes first
 
@@ -134,8 +134,9 @@ def test_cached_training_matches_uncached_and_saves_the_full_model(
     cached_losses = [epoch["train_loss"] for epoch in cached["history"]]
     uncached_losses = [epoch["train_loss"] for epoch in uncached["history"]]
     assert cached_losses[-1] < min(0.5, cached_losses[0])  # the new head learned
-    # the uncached run has dropout inside the frozen encoder, so the two agree closely, not bit for bit
-    np.testing.assert_allclose(cached_losses, uncached_losses, rtol=0.15)
+    # the uncached run has dropout inside the frozen encoder (its draws change with the batch width),
+    # so the two agree closely, not bit for bit; a head on wrong features would stay near log 2 = 0.69
+    np.testing.assert_allclose(cached_losses, uncached_losses, rtol=0.3)
     assert cached["eval"]["accuracy"] > 0.9
     assert abs(cached["eval"]["accuracy"] - uncached["eval"]["accuracy"]) <= 0.05
 

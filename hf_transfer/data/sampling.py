@@ -18,28 +18,21 @@ from itertools import chain
 import torch
 from torch.utils.data import Sampler
 
-# A shuffled window of this many batches is sorted by length and cut into batches. Small on purpose:
-# with 64 (transformers' LengthGroupedSampler uses 50) batches were so uniform in length that MiniLM
-# fine-tuned on 2,000 SST-2 sentences lost 2.6 dev points against random batches; with 4 it lost
-# about half a point and kept most of the padding saving (benchmarks/BENCHMARKS.md, text-cpu).
-GROUP_BATCHES = 4
-
-
 class LengthGroupedBatchSampler(Sampler[list[int]]):
     """Batches of indices of similar length; every index exactly once per epoch.
 
-    shuffle=True: each epoch draws a seeded permutation, sorts windows of `GROUP_BATCHES` batches
-    by length, cuts them into batches, and shuffles the order of the batches (the longest batch
+    shuffle=True: each epoch draws a seeded permutation, sorts windows of `window` batches by length
+    (data.length_window), cuts them into batches, and shuffles the order of the batches (the longest batch
     goes first, so a batch size that does not fit in memory fails at once, not hours in).
     shuffle=False: batches in order of length, for evaluation and feature extraction.
     The epoch advances by itself after each full pass; `set_epoch` (Accelerate calls it) pins it.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool, seed: int = 0):
-        if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
+    def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool, seed: int = 0, window: int = 4):
+        if batch_size < 1 or window < 1:
+            raise ValueError("batch_size and window must be >= 1")
         self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)
-        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.batch_size, self.shuffle, self.seed, self.window = batch_size, shuffle, seed, window
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -60,7 +53,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     def _shuffled_batches(self) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         permutation = torch.randperm(len(self.lengths), generator=generator)
-        window = self.batch_size * GROUP_BATCHES  # a multiple of the batch size: only the last batch is short
+        window = self.batch_size * self.window  # a multiple of the batch size: only the last batch is short
         batches: list[torch.Tensor] = []
         for group in permutation.split(window):
             by_length = group[torch.argsort(self.lengths[group], descending=True, stable=True)]
@@ -69,6 +62,18 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         rest = [b for i, b in enumerate(batches) if i != longest]
         shuffled = [rest[i] for i in torch.randperm(len(rest), generator=generator).tolist()]
         return [batch.tolist() for batch in [batches[longest], *shuffled]]
+
+
+def resolve_pad_multiple(multiple: int | None) -> int:
+    """data.pad_to_multiple_of: the recipe's value, else 8 on a CUDA GPU and 1 elsewhere.
+
+    Rounding widths up to 8 feeds tensor cores and bounds the shapes CUDA graphs record; on a CPU
+    it only adds work: SST-2 sentences average 13 tokens, and rounding to 8 carried 20% more
+    tokens per epoch for nothing (benchmarks/BENCHMARKS.md, text-cpu).
+    """
+    if multiple is not None:
+        return max(1, multiple)
+    return 8 if torch.cuda.is_available() else 1
 
 
 class PadToMultipleCollator:
@@ -81,8 +86,8 @@ class PadToMultipleCollator:
     the tokenizer's pad id, everything else (masks, token types) with 0; `labels` stack as they are.
     """
 
-    def __init__(self, pad_token_id: int, multiple: int = 8, padding_side: str = "right"):
-        self.pad_token_id, self.multiple = pad_token_id, max(1, multiple)
+    def __init__(self, pad_token_id: int, multiple: int | None = None, padding_side: str = "right"):
+        self.pad_token_id, self.multiple = pad_token_id, resolve_pad_multiple(multiple)
         self.left = padding_side == "left"
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:

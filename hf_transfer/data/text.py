@@ -37,18 +37,19 @@ def text_loader(
     num_workers: int,
     seed: int,
     group_by_length: bool = True,
-    pad_to_multiple_of: int = 8,
+    pad_to_multiple_of: int | None = None,
+    length_window: int = 4,
 ) -> DataLoader:
     """Batches padded to their own longest text (rounded up to `pad_to_multiple_of`).
 
     `group_by_length` puts texts of similar length together (see data/sampling.py): evaluation
-    batches in length order, training batches shuffled within and across length groups.
+    batches in length order, training batches drawn from shuffled windows of `length_window` batches.
     """
     collator = PadToMultipleCollator(tokenizer.pad_token_id or 0, pad_to_multiple_of, tokenizer.padding_side)
     common = dict(collate_fn=collator, num_workers=num_workers, pin_memory=torch.cuda.is_available())
     if group_by_length:
         lengths = [len(ids) for ids in dataset["input_ids"]]
-        sampler = LengthGroupedBatchSampler(lengths, batch_size, shuffle, seed)
+        sampler = LengthGroupedBatchSampler(lengths, batch_size, shuffle, seed, length_window)
         return DataLoader(dataset, batch_sampler=sampler, **common)
     return DataLoader(
         dataset,

@@ -87,9 +87,14 @@ class DataConfig:
     group_by_length: bool = _f(
         True, "Text: batch texts of similar length together (shuffled by length group), so batches carry little padding."
     )
-    pad_to_multiple_of: int = _f(
-        8, "Text: pad each batch to a multiple of this many tokens. 8 suits tensor cores; 16 or 32 gives fewer "
-        "batch shapes, which CUDA graphs and torch.compile need.", at_least=1
+    length_window: int = _f(
+        4, "Text, with group_by_length: each shuffled window of this many batches is sorted by length and "
+        "cut into batches. Larger windows pad less; 1 is random batches.", at_least=1
+    )
+    pad_to_multiple_of: int | None = _f(
+        None, "Text: pad each batch to a multiple of this many tokens. null: 8 on a CUDA GPU (tensor cores), 1 "
+        "elsewhere (a CPU gains nothing from it). 16 or 32 gives fewer batch shapes, which CUDA graphs and "
+        "torch.compile need.", at_least=1
     )
     max_train_samples: int | None = _f(None, "Use only this many training examples (a seeded random sample).", at_least=1)
     max_eval_samples: int | None = _f(None, "Use only this many validation examples (a seeded random sample).", at_least=1)

@@ -99,7 +99,8 @@ def build_text_task(recipe: Recipe) -> Plan:
     eval_set = tokenize(splits.validation, tokenizer, data)
     # tokenised text collates in microseconds: worker processes would only add start-up cost
     workers = training.num_workers if training.num_workers is not None else 0
-    batching = dict(group_by_length=recipe.data.group_by_length, pad_to_multiple_of=recipe.data.pad_to_multiple_of)
+    batching = dict(group_by_length=recipe.data.group_by_length, pad_to_multiple_of=recipe.data.pad_to_multiple_of,
+                    length_window=recipe.data.length_window)
     callbacks = apply_strategy(model, recipe.strategy)
     merged = get_strategy(recipe.strategy).saves_adapter and recipe.strategy.merge_lora
 
