@@ -34,6 +34,7 @@ from hf_transfer.console import bar
 from hf_transfer.data.splits import (
     FILE_BUILDERS,
     LabelledSplits,
+    column_values,
     labelled_splits,
     load_raw,
 )
@@ -262,7 +263,7 @@ def log_image_check(check: ImageCheck) -> None:
 
 
 def _require_every_class(dataset: Dataset, label_names: list[str]) -> None:
-    present = set(dataset["label"])
+    present = set(column_values(dataset, "label"))
     missing = [name for i, name in enumerate(label_names) if i not in present]
     if missing:
         raise HfTransferError(

@@ -18,6 +18,7 @@ from itertools import chain
 import torch
 from torch.utils.data import Sampler
 
+
 class LengthGroupedBatchSampler(Sampler[list[int]]):
     """Batches of indices of similar length; every index exactly once per epoch.
 

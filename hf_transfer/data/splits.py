@@ -38,6 +38,15 @@ class LabelledSplits:
     label_names: list[str]
 
 
+def column_values(dataset: Dataset, column: str) -> list:
+    """A column as a list, read from Arrow at once.
+
+    `dataset[column]` is a lazy Column in datasets 4 and later; iterating it formats one row at a
+    time (4.7 s for SST-2's 67,349 labels here), while slicing it converts the whole Arrow column (12 ms).
+    """
+    return dataset[column][:]
+
+
 def _canonical(split: str) -> str:
     return "validation" if split in VALIDATION_ALIASES else split
 
@@ -173,7 +182,7 @@ def _label_names(train: Dataset, config: DataConfig) -> list[str]:
         return list(config.label_names)
     if isinstance(feature, ClassLabel):
         return list(feature.names)
-    keys = set(label_keys(train[config.label_column], "train", config.label_column))
+    keys = set(label_keys(column_values(train, config.label_column), "train", config.label_column))
     numeric = all(k.lstrip("-").isdigit() for k in keys)
     return sorted(keys, key=int if numeric else str)
 
@@ -182,7 +191,7 @@ def _encode_labels(dataset: Dataset, split: str, config: DataConfig, names: list
     """Map the label column to ids into `names` and cast it to a ClassLabel."""
     column = config.label_column
     feature = dataset.features[column]
-    values = dataset[column]
+    values = column_values(dataset, column)
     if isinstance(feature, ClassLabel):
         keys = [feature.names[i] for i in values]
     elif config.label_names and all(isinstance(v, int) for v in values):
@@ -211,7 +220,7 @@ def encode_split(dataset: Dataset, split: str, config: DataConfig, columns: list
 
 def _carve_validation(train: Dataset, names: list[str], config: DataConfig, seed: int) -> DatasetDict:
     """A stratified, seeded share of train as validation: every class needs a row on each side."""
-    counts = Counter(train["label"])
+    counts = Counter(column_values(train, "label"))
     rare = [names[c] for c in range(len(names)) if counts.get(c, 0) < 2]
     if rare:
         raise HfTransferError(

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from hf_transfer.data.sampling import LengthGroupedBatchSampler, PadToMultipleCollator
-from hf_transfer.data.splits import LabelledSplits, labelled_splits, load_raw
+from hf_transfer.data.splits import LabelledSplits, column_values, labelled_splits, load_raw
 from hf_transfer.recipe import DataConfig
 
 
@@ -48,7 +48,7 @@ def text_loader(
     collator = PadToMultipleCollator(tokenizer.pad_token_id or 0, pad_to_multiple_of, tokenizer.padding_side)
     common = dict(collate_fn=collator, num_workers=num_workers, pin_memory=torch.cuda.is_available())
     if group_by_length:
-        lengths = [len(ids) for ids in dataset["input_ids"]]
+        lengths = [len(ids) for ids in column_values(dataset, "input_ids")]
         sampler = LengthGroupedBatchSampler(lengths, batch_size, shuffle, seed, length_window)
         return DataLoader(dataset, batch_sampler=sampler, **common)
     return DataLoader(

@@ -36,6 +36,7 @@ def _check_settled(saved: SavedModel) -> None:
 
 
 def _text_plan(inner: nn.Module, saved: SavedModel, training: TrainingConfig) -> Plan:
+    from hf_transfer.data.splits import column_values
     from hf_transfer.data.text import load_text_splits, text_loader, tokenize
     from hf_transfer.sources.text import TextClassifier
 
@@ -49,13 +50,14 @@ def _text_plan(inner: nn.Module, saved: SavedModel, training: TrainingConfig) ->
     return Plan(
         model=TextClassifier(inner, [], saved.label_names), train_loader=loader(splits.train, True, training.batch_size),
         eval_loader=loader(splits.validation, False, training.eval_batch_size), label_names=saved.label_names,
-        train_labels=list(splits.train["label"]), save=lambda _folder: None,
+        train_labels=column_values(splits.train, "label"), save=lambda _folder: None,
     )
 
 
 def _image_plan(inner: nn.Module, saved: SavedModel, training: TrainingConfig) -> Plan:
     from hf_transfer.data.augmented import training_image_loader
     from hf_transfer.data.images import image_loader, image_transforms, load_image_splits, with_transform
+    from hf_transfer.data.splits import column_values
     from hf_transfer.sources.vision import VisionClassifier, model_data_config
 
     data = saved.recipe.data
@@ -68,7 +70,7 @@ def _image_plan(inner: nn.Module, saved: SavedModel, training: TrainingConfig) -
                                            training.seed),
         eval_loader=image_loader(with_transform(splits.validation, eval_transform, data.image_column),
                                  training.eval_batch_size, False, 0, training.seed),
-        label_names=saved.label_names, train_labels=list(splits.train["label"]), save=lambda _folder: None,
+        label_names=saved.label_names, train_labels=column_values(splits.train, "label"), save=lambda _folder: None,
     )
 
 

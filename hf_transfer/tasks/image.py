@@ -22,6 +22,7 @@ from hf_transfer.data.images import (
     load_image_splits,
     with_transform,
 )
+from hf_transfer.data.splits import column_values
 from hf_transfer.export.layout import CONFIG_FILE, HEAD_INFO_FILE, MERGED_DIR
 from hf_transfer.recipe import Recipe
 from hf_transfer.sources.vision import (
@@ -118,7 +119,7 @@ def build_image_task(recipe: Recipe) -> Plan:
         train_loader_for=train_loader,
         eval_loader=image_loader(eval_set, training.eval_batch_size, False, workers, seed),
         label_names=splits.label_names,
-        train_labels=list(splits.train["label"]),
+        train_labels=column_values(splits.train, "label"),
         save=lambda folder: save_vision_model(model, folder, recipe, data_config),
         callbacks=callbacks,
         feature_source=FeatureSource(

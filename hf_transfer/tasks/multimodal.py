@@ -26,7 +26,7 @@ from hf_transfer.data.images import (
     load_rgb,
 )
 from hf_transfer.data.sampling import PadToMultipleCollator
-from hf_transfer.data.splits import check_columns
+from hf_transfer.data.splits import check_columns, column_values
 from hf_transfer.errors import HfTransferError
 from hf_transfer.export.layout import CONFIG_FILE, FUSION_WEIGHTS_FILE, MULTIMODAL_FILE
 from hf_transfer.recipe import (
@@ -139,7 +139,7 @@ def build_multimodal_task(recipe: Recipe) -> Plan:
         train_loader_for=train_loader,
         eval_loader=multimodal_loader(eval_set, collator, training.eval_batch_size, False, workers, seed),
         label_names=splits.label_names,
-        train_labels=list(splits.train["label"]),
+        train_labels=column_values(splits.train, "label"),
         save=lambda folder: save_two_tower(model, folder, recipe, data_config, tokenizer),
         card="two_tower",
         callbacks=callbacks,

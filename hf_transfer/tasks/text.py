@@ -11,6 +11,7 @@ from torch import nn
 
 from hf_transfer.cache.head import FeatureSource
 from hf_transfer.cache.store import dataset_fingerprint
+from hf_transfer.data.splits import column_values
 from hf_transfer.data.text import load_text_splits, text_loader, tokenize
 from hf_transfer.export.card import base_model_id
 from hf_transfer.export.layout import (
@@ -118,7 +119,7 @@ def build_text_task(recipe: Recipe) -> Plan:
         train_loader_for=train_loader,
         eval_loader=text_loader(eval_set, tokenizer, training.eval_batch_size, False, workers, seed, **batching),
         label_names=splits.label_names,
-        train_labels=list(splits.train["label"]),
+        train_labels=column_values(splits.train, "label"),
         save=(
             (lambda folder: save_mean_pooled(model.model, tokenizer, folder, data.max_length)) if pooling == "mean"
             else (lambda folder: save_text_model(model.model, tokenizer, folder, merged, base_model_id(recipe)))
