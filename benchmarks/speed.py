@@ -8,6 +8,8 @@ process (its own peak memory, its own Accelerate state), and appends one table t
     python scripts/benchmark.py gpu-fixed    # c. BERT-base bf16, every batch 128 tokens, batch 64
     python scripts/benchmark.py gpu-e2e      # c. end to end, 3 epochs of full SST-2, start-up included
     python scripts/benchmark.py gpu-images   # c. ResNet-50 on real JPEGs vs tensors already on the GPU
+    python scripts/benchmark.py inference-text --run-dir RUN     # predict vs transformers.pipeline, SST-2 dev
+    python scripts/benchmark.py inference-images --run-dir RUN   # predict vs timm, hymenoptera val
 
 Fairness rules kept here: the same data sample, model, batch size, precision, learning rate and
 epochs on both sides; the baseline as its users run it by default (the transformers text-
@@ -223,6 +225,66 @@ def side_feature_cache(args: argparse.Namespace) -> dict:
             "feature_cache": summary["feature_cache"], **peak_memory()}
 
 
+def _inference_result(labels: list[str], seconds: float) -> dict:
+    return {"samples": len(labels), "seconds": seconds, "samples_per_s": len(labels) / seconds, "labels": labels,
+            **peak_memory()}
+
+
+def side_predict_text(args: argparse.Namespace) -> dict:
+    """`hf-transfer predict RUN dev.tsv` through its Python entry point (model loading included)."""
+    from hf_transfer.inference.predict import predict
+
+    started = time.perf_counter()
+    labels = [p.labels[0] for p in predict(args.run_dir, [str(Path(args.data_root) / "sst2" / "dev.tsv")],
+                                           batch_size=args.batch_size)]
+    return _inference_result(labels, time.perf_counter() - started)
+
+
+def side_pipeline_text(args: argparse.Namespace) -> dict:
+    """transformers' `pipeline("text-classification")` on the same folder and sentences (loading included)."""
+    import csv
+
+    from transformers import pipeline
+
+    with open(Path(args.data_root) / "sst2" / "dev.tsv", newline="") as table:
+        sentences = [row["sentence"] for row in csv.DictReader(table, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    started = time.perf_counter()
+    classifier = pipeline("text-classification", model=args.run_dir, device="cpu", truncation=True, max_length=128)
+    labels = [r["label"] for r in classifier(sentences, batch_size=args.batch_size)]
+    return _inference_result(labels, time.perf_counter() - started)
+
+
+def _validation_images(args: argparse.Namespace) -> list[Path]:
+    return sorted(p for p in (Path(args.data_root) / "hymenoptera" / "val").rglob("*.jpg"))
+
+
+def side_predict_images(args: argparse.Namespace) -> dict:
+    from hf_transfer.inference.predict import predict
+
+    started = time.perf_counter()
+    labels = [p.labels[0] for p in predict(args.run_dir, [str(Path(args.data_root) / "hymenoptera" / "val")],
+                                           batch_size=args.batch_size)]
+    return _inference_result(labels, time.perf_counter() - started)
+
+
+def side_timm_images(args: argparse.Namespace) -> dict:
+    """timm as its docs show it: the exported folder, its data config's eval transform, PIL images, batches."""
+    import timm
+    import torch
+    from PIL import Image
+
+    started = time.perf_counter()
+    model = timm.create_model(f"local-dir:{args.run_dir}", pretrained=True).eval()
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    names = json.loads((Path(args.run_dir) / "config.json").read_text())["label_names"]
+    files, labels = _validation_images(args), []
+    with torch.inference_mode():
+        for first in range(0, len(files), args.batch_size):
+            pixels = torch.stack([transform(Image.open(f).convert("RGB")) for f in files[first:first + args.batch_size]])
+            labels += [names[i] for i in model(pixels).argmax(-1).tolist()]
+    return _inference_result(labels, time.perf_counter() - started)
+
+
 def side_resnet_images(args: argparse.Namespace) -> dict:
     """ResNet-50 training steps (bf16, channels_last, batch 256) fed by one of the image pipelines."""
     import timm
@@ -310,6 +372,10 @@ SIDES = {
     "trainer_text": side_trainer_text,
     "feature_cache": side_feature_cache,
     "resnet_images": side_resnet_images,
+    "predict_text": side_predict_text,
+    "pipeline_text": side_pipeline_text,
+    "predict_images": side_predict_images,
+    "timm_images": side_timm_images,
 }
 
 
@@ -350,6 +416,15 @@ def comparisons(name: str, options: argparse.Namespace) -> list[tuple[str, str, 
         return _text_sides("bert-base", "bf16", 64, 128, options.train_samples or 12800, options.epochs or 2, text_set)
     if name == "gpu-e2e":
         return _text_sides("bert-base", "bf16", 32, 16, options.train_samples, options.epochs or 3, text_set)
+    if name in ("inference-text", "inference-images"):  # both sides label the same inputs at the same batch size
+        if not options.run_dir:
+            raise SystemExit(f"{name} needs --run-dir: the output folder of a {name.split('-')[1][:-1]} run")
+        common = ["--run-dir", options.run_dir, "--batch-size", str(options.batch_size)]
+        if name == "inference-text":
+            return [("transformers pipeline('text-classification')", "pipeline_text", common),
+                    ("hf-transfer predict", "predict_text", common)]
+        return [("timm: create_model(local-dir:), its eval transform, PIL", "timm_images", common),
+                ("hf-transfer predict", "predict_images", common)]
     if name == "gpu-images":
         steps = ["--steps", str(options.steps or 30), "--warmup-steps", "5", "--batch-size", "256"]
         return [(label, "resnet_images", ["--pipeline", pipeline] + steps) for label, pipeline in (
@@ -407,9 +482,10 @@ def _format(value) -> str:
 
 
 def markdown(name: str, rows: list[tuple[str, dict]], sides: list[str], command: str, note: str | None) -> str:
-    columns = [key for key in rows[0][1] if key != "feature_cache"]
+    hidden = ("feature_cache", "labels")
+    columns = [key for key in rows[0][1] if key not in hidden]
     for _, result in rows[1:]:
-        columns += [key for key in result if key not in columns and key != "feature_cache"]
+        columns += [key for key in result if key not in columns and key not in hidden]
     lines = [f"#### {name} — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "",
              f"- command: `{command}`", f"- machine: {machine()}", f"- versions: {versions()}"]
     if note:
@@ -429,6 +505,10 @@ def ratio_lines(name: str, rows: list[tuple[str, dict]], sides: list[str]) -> li
         return [f"- speed-up, whole run: {base['run_seconds'] / ours['run_seconds']:.1f}x; "
                 f"training loop: {base['train_seconds'] / max(ours['train_seconds'], 1e-9):.1f}x",
                 f"- accuracy difference (best epoch): {100 * (ours['best_accuracy'] - base['best_accuracy']):+.1f} points"]
+    if name.startswith("inference-"):
+        agree = sum(a == b for a, b in zip(base["labels"], ours["labels"])) / max(len(base["labels"]), 1)
+        return [f"- {rows[1][0]}: {ours['samples_per_s'] / base['samples_per_s']:.2f}x the samples/s of "
+                f"{rows[0][0]}; the same top label for {100 * agree:.1f}% of the {len(base['labels'])} inputs"]
     if name == "gpu-images":
         ceiling = base["images_per_s"]
         return [f"- {label}: {100 * r['images_per_s'] / ceiling:.0f}% of the ceiling" for label, r in rows[1:]]
@@ -450,7 +530,8 @@ def ratio_lines(name: str, rows: list[tuple[str, dict]], sides: list[str]) -> li
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmark", nargs="?", help="cache, text-cpu, gpu-text, gpu-fixed, gpu-e2e or gpu-images")
+    parser.add_argument("benchmark", nargs="?", help="cache, text-cpu, gpu-text, gpu-fixed, gpu-e2e, gpu-images, "
+                        "inference-text or inference-images")
     parser.add_argument("--data-root", default=str(DEFAULT_DATA), help="folder holding sst2/, hymenoptera/, cats_dogs/")
     parser.add_argument("--tokenizer", help="tokenizer folder for BERT-base (default: the offline MiniLM's)")
     parser.add_argument("--text-set", choices=sorted(TEXT_SETS), default="sst2", help="text comparisons: the data set")
@@ -471,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eager", action="store_true", help="hf_transfer side without CUDA graphs")
     parser.add_argument("--no-length-groups", action="store_true", help="hf_transfer side with random batches")
     parser.add_argument("--pipeline", default="ready")
+    parser.add_argument("--run-dir", help="inference comparisons: the output folder of a finished run")
     parser.add_argument("--warmup-steps", type=int, default=5)
     options = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -149,6 +149,20 @@ def test_predict_labels_texts_and_text_files(trained, tmp_path, capsys):
     assert all(len(r) == 5 and abs(float(r[2]) + float(r[4]) - 1) < 1e-3 for r in rows)
 
 
+def test_predict_sorts_texts_by_length_but_answers_in_input_order(trained):
+    from hf_transfer.inference.predict import predict
+
+    # lengths in no order, more texts than a batch, so batches are formed out of input order
+    texts = [f"{'so very ' * (i % 5)}the film was {POSITIVE if i % 3 else NEGATIVE}" for i in range(11)]
+    together = list(predict(trained, texts, batch_size=4))
+    one_by_one = [next(predict(trained, [text], batch_size=1)) for text in texts]
+    assert [p.path for p in together] == texts
+    assert [p.labels for p in together] == [p.labels for p in one_by_one]
+    assert [p.labels[0] for p in together] == ["positive" if i % 3 else "negative" for i in range(11)]
+    for batched, alone in zip(together, one_by_one):  # padding is masked: the same probabilities
+        assert abs(batched.probabilities[0] - alone.probabilities[0]) < 1e-4
+
+
 # ------------------------------------------------------------------------------ push to the Hub
 
 
