@@ -37,7 +37,7 @@ from hf_transfer.inference.saved import (  # noqa: F401  (re-exported: callers i
     LogitsOf,
     PixelLogits,
     SavedModel,
-    _read_json,
+    read_json,
     run_label_names,
     run_recipe,
 )
@@ -50,7 +50,7 @@ from hf_transfer.recipe import HeadConfig, ModelConfig
 
 def _refuse_remote_code(folder: Path) -> None:
     config = folder / CONFIG_FILE
-    if config.is_file() and "auto_map" in _read_json(config):
+    if config.is_file() and "auto_map" in read_json(config):
         raise HfTransferError(
             f"{folder}'s config.json names modelling code of its own (auto_map), which would run on loading. "
             "Pass --trust-remote-code only if you trust where the folder came from."
@@ -65,9 +65,9 @@ def load_mean_pooled(folder: Path, trust_remote_code: bool = False) -> nn.Module
 
     from hf_transfer.sources.text import MeanPooledClassifier, pooling_mode
 
-    if pooling_mode(_read_json(folder / POOLING_DIR / CONFIG_FILE)) != "mean":
+    if pooling_mode(read_json(folder / POOLING_DIR / CONFIG_FILE)) != "mean":
         raise HfTransferError(f"{folder} is a sentence-transformers folder without mean pooling; hf-transfer did not write it.")
-    dense = _read_json(folder / DENSE_DIR / CONFIG_FILE)
+    dense = read_json(folder / DENSE_DIR / CONFIG_FILE)
     encoder = AutoModel.from_pretrained(folder, use_safetensors=True, trust_remote_code=trust_remote_code)
     model = MeanPooledClassifier(encoder, int(dense["out_features"]), dropout=0.0)
     weights = load_file(str(folder / DENSE_DIR / "model.safetensors"))
@@ -162,12 +162,12 @@ def load_saved_model(folder: str | Path) -> tuple[nn.Module, list[str]]:
         raise HfTransferError(
             f"{folder} is not a saved image model (no config.json); give the output folder of an image run."
         )
-    config = _read_json(folder / CONFIG_FILE)
+    config = read_json(folder / CONFIG_FILE)
     if "architecture" not in config:
         raise HfTransferError(f"{folder}/config.json is not a timm config (no 'architecture'); is it an image model?")
     label_names = _label_names(config)
     info_file = folder / HEAD_INFO_FILE
-    info = _read_json(info_file) if info_file.is_file() else {}
+    info = read_json(info_file) if info_file.is_file() else {}
     if (folder / ADAPTER_CONFIG_FILE).is_file():
         model = _load_lora(folder, info, label_names)
     elif info.get("head", {}).get("type", "linear") != "linear":

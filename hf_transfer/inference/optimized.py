@@ -20,7 +20,7 @@ from torch import nn
 
 from hf_transfer.errors import HfTransferError
 from hf_transfer.export.layout import CONFIG_FILE, IMAGE, ONNX_FILE, OPTIMIZED_FILE, TEXT, WEIGHTS_FILE
-from hf_transfer.inference.saved import LogitsOf, PixelLogits, SavedModel, _read_json, run_recipe
+from hf_transfer.inference.saved import LogitsOf, PixelLogits, SavedModel, read_json, run_recipe
 
 OPTIONAL_INSTALL = "pip install 'hf-transfer-learning[optimize]'"
 ONNX_RUNTIME, PYTORCH = "onnxruntime", "pytorch"
@@ -33,7 +33,7 @@ def require(module: str, purpose: str) -> None:
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
-    manifest = _read_json(folder / OPTIMIZED_FILE)
+    manifest = read_json(folder / OPTIMIZED_FILE)
     if manifest.get("task") not in (TEXT, IMAGE) or manifest.get("architecture") not in ARCHITECTURES:
         raise HfTransferError(f"{folder / OPTIMIZED_FILE} is not an optimize manifest; run `hf-transfer optimize` again.")
     return manifest
@@ -167,7 +167,7 @@ def image_transform(folder: Path) -> Callable:
     """The run's eval preprocessing, from the pretrained_cfg in the copied timm config.json."""
     from timm.data import create_transform, resolve_data_config
 
-    config = _read_json(folder / CONFIG_FILE)
+    config = read_json(folder / CONFIG_FILE)
     return create_transform(**resolve_data_config({}, pretrained_cfg=config.get("pretrained_cfg", {})))
 
 

@@ -57,18 +57,19 @@ def run_label_names(folder: Path) -> list[str]:
     """Label names in id order: from metrics.json, else from the model's config.json."""
     metrics = folder / METRICS_FILE
     if metrics.is_file():
-        names = _read_json(metrics).get("eval", {}).get("confusion_matrix", {}).get("labels")
+        names = read_json(metrics).get("eval", {}).get("confusion_matrix", {}).get("labels")
         if names:
             return list(names)
     config = folder / CONFIG_FILE
     if config.is_file():
-        id2label = _read_json(config).get("id2label")
+        id2label = read_json(config).get("id2label")
         if id2label:
             return [id2label[str(i)] for i in range(len(id2label))]
     raise HfTransferError(f"{folder} records no label names (no metrics.json or config.json with id2label).")
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object from a run folder's file; a damaged or missing file is one clear error."""
     try:
         values = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:

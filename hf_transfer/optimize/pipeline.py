@@ -37,7 +37,7 @@ from hf_transfer.export.layout import (
 )
 from hf_transfer.inference.loader import load_saved_run
 from hf_transfer.inference.optimized import ONNX_RUNTIME, PYTORCH, load_optimized, quantize_int8, require
-from hf_transfer.inference.saved import LogitsOf, PixelLogits, SavedModel, _read_json
+from hf_transfer.inference.saved import LogitsOf, PixelLogits, SavedModel, read_json
 from hf_transfer.optimize.measure import (
     accuracy,
     latency_ms,
@@ -205,7 +205,7 @@ def optimize_run(run_dir: str | Path, request: OptimizeRequest, output_dir: str 
 
 def _head(run: Path, kind: str) -> dict | None:
     info = run / HEAD_INFO_FILE
-    return _read_json(info).get("head") if kind == IMAGE and info.is_file() else None
+    return read_json(info).get("head") if kind == IMAGE and info.is_file() else None
 
 
 def _report(saved: SavedModel, optimized: nn.Module, batches: list[dict], before: torch.Tensor, after: torch.Tensor,
