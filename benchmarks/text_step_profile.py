@@ -1,0 +1,127 @@
+"""Where a CPU text fine-tuning step spends its time, piece by piece (issue 14).
+
+Three measurements, each cheap enough to run beside other work (times are medians of repeats):
+
+1. tokens per epoch: what each way of batching pads, as a multiple of the real tokens, on a
+   seeded 2,000-text sample of SST-2 and of Amazon electronics (batch 32): random batches, the
+   length windows of data/sampling.py at several sizes, and transformers' LengthGroupedSampler
+   (the Trainer's `group_by_length`), each padded to the batch's longest and to a multiple of 8;
+2. the optimiser step on MiniLM-L6's 22.7M parameters: torch's AdamW as constructed by default,
+   and with `fused=True` (what the Trainer's default `adamw_torch_fused` builds);
+3. the collator: ours (data/sampling.py) against transformers' DataCollatorWithPadding.
+
+    python benchmarks/text_step_profile.py [--data-root ../shared/data]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+SETS = {  # name -> DataConfig fields (max_length as the comparisons in speed.py use them)
+    "sst2": {"path": "sst2", "text_column": "sentence", "label_names": ["negative", "positive"], "max_length": 128},
+    "amazon_electronics": {"path": "amazon_multidomain/electronics.jsonl", "text_column": "text",
+                           "label_names": ["negative", "positive"], "validation_fraction": 0.2, "max_length": 256},
+}
+BATCH = 32
+
+
+def median_seconds(work, repeats: int = 7) -> float:
+    work()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def token_lengths(data_root: Path, name: str, tokenizer) -> list[int]:
+    from hf_transfer.data.text import load_text_splits
+    from hf_transfer.recipe import DataConfig
+
+    fields = dict(SETS[name])
+    config = DataConfig(**{**fields, "path": str(data_root / fields["path"]), "max_train_samples": 2000})
+    texts = [str(t) for t in load_text_splits(config, seed=42).train[config.text_column][:]]
+    return [len(ids) for ids in tokenizer(texts, truncation=True, max_length=config.max_length)["input_ids"]]
+
+
+def padding_table(lengths: list[int]) -> list[tuple[str, float, float]]:
+    """(batching, padded tokens / real tokens at multiple 1, at multiple 8)."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from hf_transfer.data.sampling import LengthGroupedBatchSampler
+
+    real = sum(lengths)
+
+    def cost(batches: list[list[int]], multiple: int) -> float:
+        return sum(len(b) * math.ceil(max(lengths[i] for i in b) / multiple) * multiple for b in batches) / real
+
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0)).tolist()
+    schemes = {"random batches": [order[i:i + BATCH] for i in range(0, len(order), BATCH)]}
+    for window in (4, 16, 50):
+        schemes[f"length windows of {window} batches"] = list(LengthGroupedBatchSampler(lengths, BATCH, True, 0, window))
+    trainer_order = list(LengthGroupedSampler(BATCH, lengths=lengths, generator=torch.Generator().manual_seed(0)))
+    schemes["Trainer LengthGroupedSampler"] = [trainer_order[i:i + BATCH] for i in range(0, len(trainer_order), BATCH)]
+    return [(name, cost(batches, 1), cost(batches, 8)) for name, batches in schemes.items()]
+
+
+def optimizer_step_ms(model: torch.nn.Module) -> dict[str, float]:
+    results = {}
+    for label, options in (("AdamW (default construction)", {}), ("AdamW fused=True", {"fused": True})):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, **options)
+        for parameter in model.parameters():
+            parameter.grad = torch.randn_like(parameter) * 1e-3
+        results[label] = 1000 * median_seconds(optimizer.step)
+    return results
+
+
+def collator_ms(tokenizer, lengths_source: list[str]) -> dict[str, float]:
+    from transformers import DataCollatorWithPadding
+
+    from hf_transfer.data.sampling import PadToMultipleCollator
+
+    encoded = tokenizer(lengths_source[:BATCH], truncation=True, max_length=128)
+    examples = [{**{k: v[i] for k, v in encoded.items()}, "labels": i % 2} for i in range(BATCH)]
+    theirs = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    ours = PadToMultipleCollator(tokenizer.pad_token_id, 1, tokenizer.padding_side)
+    return {"DataCollatorWithPadding": 1000 * median_seconds(lambda: theirs(examples), 50),
+            "PadToMultipleCollator": 1000 * median_seconds(lambda: ours(examples), 50)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", default=os.environ.get("HF_TRANSFER_SHARED_DATA", "../shared/data"))
+    options = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from hf_transfer.sources.text import resolve_text_source
+
+    source = resolve_text_source(MINILM)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    print(f"torch threads {torch.get_num_threads()}\n")
+    print("| data set | batching | tokens / real tokens, padded to the batch's longest | rounded up to x8 |")
+    print("|---|---|---|---|")
+    for name in SETS:
+        for scheme, exact, rounded in padding_table(token_lengths(Path(options.data_root), name, tokenizer)):
+            print(f"| {name} | {scheme} | {exact:.2f} | {rounded:.2f} |")
+    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=2)
+    print(f"\noptimiser step, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters (median ms):")
+    for label, ms in optimizer_step_ms(model).items():
+        print(f"- {label}: {ms:.0f} ms")
+    sentences = ["a gripping , funny and ultimately moving film", "dull", "it is not the worst movie of the year"] * BATCH
+    print(f"\ncollating {BATCH} tokenised sentences (median ms):")
+    for label, ms in collator_ms(tokenizer, sentences).items():
+        print(f"- {label}: {ms:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
