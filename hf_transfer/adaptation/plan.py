@@ -5,8 +5,8 @@ columns, same preprocessing). The backbone stays frozen, so the features of ever
 example are computed once (features.py); a small head (head.py) trains on them in the shared loop.
 
 Each training batch carries a source batch and an equally large target batch drawn at random; the
-`DomainObjective` callback adds the domain loss (dann, mmd or coral) between the two batches'
-bottleneck features to the source classification loss. TCA instead maps both domains' features
+`DomainObjective` callback adds the domain loss (dann, cdan, mmd, coral or mcc) between the two
+batches' bottleneck features (and, for cdan and mcc, their predictions) to the source classification loss. TCA instead maps both domains' features
 once, before the head trains, and needs no loss. Method `none` is the source-only baseline on the
 same features, head and budget.
 
@@ -15,6 +15,8 @@ epoch rather than the epoch the target would pick, and the target never reaches 
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator
@@ -29,7 +31,7 @@ from hf_transfer.adaptation.features import (
     load_target_task,
 )
 from hf_transfer.adaptation.head import AdaptedHeadModel
-from hf_transfer.adaptation.losses import dann_weight, domain_loss
+from hf_transfer.adaptation.losses import DomainBatch, dann_weight, domain_loss, domain_method
 from hf_transfer.adaptation.model import save_adapted_model
 from hf_transfer.cache.head import CachedFeatures, cached_loader
 from hf_transfer.console import say
@@ -40,35 +42,48 @@ from hf_transfer.training.plan import Callback, Plan
 __all__ = ["DomainFeatures", "DomainObjective", "SourceWithTarget", "adaptation_plan", "build_adaptation_plan"]
 
 
-# Chosen once on the two PACS pairs and kept for every pair: with standardised features, DANN at
-# weight 1 lets the discriminator win and the target accuracy swing from epoch to epoch.
-DEFAULT_WEIGHTS = {"dann": 0.1, "mmd": 1.0, "coral": 1.0}
-
-
 def domain_loss_weight(config: AdaptationConfig) -> float:
-    return config.weight if config.weight is not None else DEFAULT_WEIGHTS.get(config.method, 0.0)
+    return config.weight if config.weight is not None else domain_method(config.method).default_weight
 
 
 class DomainObjective(Callback):
-    """The domain loss between a batch's source and target bottlenecks, added to the task loss."""
+    """The method's domain loss on a step's source and target batches, added to the task loss.
+
+    `view(model, inputs)` gives the step's `DomainBatch` (the features the loss aligns, and the logits
+    that cdan and mcc read): the frozen path's bottleneck (below), or the backbone's own head input
+    (backbone.py). Adversarial methods ramp their reversal weight up as DANN does.
+    """
 
     cuda_graphs_blocker = "an auxiliary loss"  # its weight changes every step, which a recorded graph cannot follow
 
-    def __init__(self, model: AdaptedHeadModel, config: AdaptationConfig):
-        self.model, self.config = model, config
+    def __init__(self, config: AdaptationConfig, view: Callable[[nn.Module, dict[str, torch.Tensor]], DomainBatch],
+                 discriminator: nn.Module | None):
+        self.config, self.view, self.discriminator = config, view, discriminator
+        self.method = domain_method(config.method)
 
-    def extra_loss(self, _model: nn.Module, inputs: dict[str, torch.Tensor], progress: float) -> torch.Tensor:
-        source, target = inputs["features"], inputs["target_features"]
-        # one pass over both domains, as DANN and DAN do; `self.model` rather than the trainer's
-        # (possibly wrapped) model, to reach the bottleneck and the discriminator by name
-        bottleneck = self.model.model.embed(torch.cat([source, target]))
-        source_features, target_features = bottleneck[: len(source)], bottleneck[len(source):]
-        method, weight = self.config.method, domain_loss_weight(self.config)
-        if method == "dann":
+    def extra_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], progress: float) -> torch.Tensor:
+        batch, weight = self.view(model, inputs), domain_loss_weight(self.config)
+        if self.method.ramped:
             weight = dann_weight(progress, self.config.ramp_gamma, weight)
-            return domain_loss(method, source_features, target_features, weight, self.model.discriminator)
-        return domain_loss(method, source_features, target_features, weight)
+        return domain_loss(self.config.method, batch.source_features, batch.target_features, weight,
+                           self.discriminator, batch.source_logits, batch.target_logits,
+                           temperature=self.config.mcc_temperature)
 
+
+def bottleneck_view(model: AdaptedHeadModel) -> Callable[[nn.Module, dict[str, torch.Tensor]], DomainBatch]:
+    """The frozen path's domain batch: both domains' bottleneck features, in one pass, and their logits.
+
+    `model` rather than the trainer's (possibly wrapped) one, to reach the bottleneck by name.
+    """
+
+    def view(_trained: nn.Module, inputs: dict[str, torch.Tensor]) -> DomainBatch:
+        source, target = inputs["features"], inputs["target_features"]
+        bottleneck = model.model.embed(torch.cat([source, target]))
+        logits = model.model.classifier(bottleneck)
+        n = len(source)
+        return DomainBatch(bottleneck[:n], bottleneck[n:], logits[:n], logits[n:])
+
+    return view
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +134,8 @@ def build_adaptation_plan(features: DomainFeatures, label_names: list[str], reci
     model = AdaptedHeadModel(splits["train"][0].shape[1], label_names, config).to(device)
     if feature_map is None:  # TCA's map standardises already, and keeps its components' relative scale
         model.model.set_statistics(splits["train"][0])
-    objective = [DomainObjective(model, config)] if config.method in ("dann", "mmd", "coral") else []
+    objective = ([DomainObjective(config, bottleneck_view(model), model.discriminator)]
+                 if config.method not in ("none", "tca") else [])
 
     def eval_loader(split: str) -> DataLoader:
         dataset = CachedFeatures([splits[split][0]], splits[split][1])
