@@ -1,7 +1,8 @@
 """Unsupervised domain adaptation runs: a labelled source, an unlabelled target, the shared loop.
 
 The recipe's `data` is the source and `adaptation.target_path` the target, read the same way (same
-columns, same preprocessing). The backbone stays frozen, so the features of every source and target
+columns, same preprocessing). A strategy that trains the backbone adapts it in the loop (backbone.py);
+otherwise the backbone stays frozen, so the features of every source and target
 example are computed once (features.py); a small head (head.py) trains on them in the shared loop.
 
 Each training batch carries a source batch and an equally large target batch drawn at random; the
@@ -23,6 +24,7 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from hf_transfer.adaptation.backbone import backbone_adaptation_plan
 from hf_transfer.adaptation.features import (
     DomainFeatures,
     Split,
@@ -31,43 +33,17 @@ from hf_transfer.adaptation.features import (
     load_target_task,
 )
 from hf_transfer.adaptation.head import AdaptedHeadModel
-from hf_transfer.adaptation.losses import DomainBatch, dann_weight, domain_loss, domain_method
+from hf_transfer.adaptation.losses import DomainBatch
+from hf_transfer.adaptation.objective import DomainObjective, domain_loss_weight
 from hf_transfer.adaptation.model import save_adapted_model
 from hf_transfer.cache.head import CachedFeatures, cached_loader
 from hf_transfer.console import say
 from hf_transfer.recipe import AdaptationConfig, Recipe
+from hf_transfer.strategies import get_strategy
 from hf_transfer.training.metrics import evaluate
 from hf_transfer.training.plan import Callback, Plan
 
 __all__ = ["DomainFeatures", "DomainObjective", "SourceWithTarget", "adaptation_plan", "build_adaptation_plan"]
-
-
-def domain_loss_weight(config: AdaptationConfig) -> float:
-    return config.weight if config.weight is not None else domain_method(config.method).default_weight
-
-
-class DomainObjective(Callback):
-    """The method's domain loss on a step's source and target batches, added to the task loss.
-
-    `view(model, inputs)` gives the step's `DomainBatch` (the features the loss aligns, and the logits
-    that cdan and mcc read): the frozen path's bottleneck (below), or the backbone's own head input
-    (backbone.py). Adversarial methods ramp their reversal weight up as DANN does.
-    """
-
-    cuda_graphs_blocker = "an auxiliary loss"  # its weight changes every step, which a recorded graph cannot follow
-
-    def __init__(self, config: AdaptationConfig, view: Callable[[nn.Module, dict[str, torch.Tensor]], DomainBatch],
-                 discriminator: nn.Module | None):
-        self.config, self.view, self.discriminator = config, view, discriminator
-        self.method = domain_method(config.method)
-
-    def extra_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], progress: float) -> torch.Tensor:
-        batch, weight = self.view(model, inputs), domain_loss_weight(self.config)
-        if self.method.ramped:
-            weight = dann_weight(progress, self.config.ramp_gamma, weight)
-        return domain_loss(self.config.method, batch.source_features, batch.target_features, weight,
-                           self.discriminator, batch.source_logits, batch.target_logits,
-                           temperature=self.config.mcc_temperature)
 
 
 def bottleneck_view(model: AdaptedHeadModel) -> Callable[[nn.Module, dict[str, torch.Tensor]], DomainBatch]:
@@ -175,6 +151,14 @@ def build_adaptation_plan(features: DomainFeatures, label_names: list[str], reci
 
 
 def adaptation_plan(recipe: Recipe, source: Plan, accelerator: Accelerator) -> Plan:
+    """With a frozen backbone, the head on both domains' cached features (below); with a strategy that
+    trains the backbone, the task's own classifier with the domain loss in the loop (backbone.py)."""
+    if get_strategy(recipe.strategy).trains_backbone:
+        return backbone_adaptation_plan(recipe, source, accelerator)
+    return frozen_adaptation_plan(recipe, source, accelerator)
+
+
+def frozen_adaptation_plan(recipe: Recipe, source: Plan, accelerator: Accelerator) -> Plan:
     """Target data, frozen features of both domains, and the head with its domain objective."""
     target = load_target_task(recipe, source.label_names)
     features = domain_features(recipe, source, target, accelerator)

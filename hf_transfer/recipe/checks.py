@@ -222,10 +222,14 @@ def validate_adaptation(recipe: Recipe) -> None:
         raise HfTransferError(f"adaptation.method {adaptation.method} needs adaptation.target_path (the target data).")
     if recipe.task == "multimodal":
         raise HfTransferError("Domain adaptation serves task text or image, not multimodal; set adaptation.method none.")
-    if recipe.strategy.name != "freeze_backbone":
+    if recipe.strategy.name == "auto":
+        raise HfTransferError("Domain adaptation needs one strategy (strategy auto would choose it on the source alone); "
+                              "set strategy.name freeze_backbone, or partial, full or lora to adapt the backbone too.")
+    if adaptation.method == "tca" and recipe.strategy.name != "freeze_backbone":
         raise HfTransferError(
-            "Domain adaptation trains a bottleneck and classifier on the frozen backbone's features; "
-            "set strategy.name freeze_backbone."
+            f"adaptation.method tca maps frozen features once, before training, but strategy {recipe.strategy.name} "
+            "trains the backbone, which would change them; set strategy.name freeze_backbone, or use dann, cdan, mmd, "
+            "coral or mcc."
         )
     if adaptation.features == "mean" and recipe.task != "text":
         raise HfTransferError("adaptation.features mean applies to text models; use head_input for images.")
