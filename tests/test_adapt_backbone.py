@@ -33,7 +33,8 @@ def backbone_recipe(model_dir: Path, source: Path, target: Path, output: Path, s
 
 
 @pytest.mark.parametrize("method", ["cdan", "mcc"])
-def test_backbone_adaptation_trains_the_backbone_and_saves_a_stock_classifier(tiny_bert_dir, domains, tmp_path, method):
+def test_backbone_adaptation_trains_the_backbone_and_saves_a_stock_classifier(tiny_bert_dir, domains, tmp_path, method,
+                                                                              capsys):
     from transformers import AutoModelForSequenceClassification
 
     source, target = domains
@@ -42,6 +43,8 @@ def test_backbone_adaptation_trains_the_backbone_and_saves_a_stock_classifier(ti
     assert summary["adaptation"]["method"] == method and summary["adaptation"]["backbone"] == "trained (full)"
     assert summary["eval"]["num_samples"] == 48  # the whole target scores every epoch
     assert summary["best_epoch"] == 2  # the last, never chosen by the target
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_line.startswith("last epoch 2: target accuracy ") and "only scored it" in last_line
     saved = load_file(str(out / "model.safetensors"))
     assert not any(DISCRIMINATOR in name for name in saved)  # the discriminator only trains
     before = load_file(str(tiny_bert_dir / "model.safetensors"))
@@ -107,3 +110,21 @@ def test_tca_with_a_trainable_backbone_is_a_clear_error(tiny_bert_dir, domains, 
     source, target = domains
     with pytest.raises(HfTransferError, match="tca maps frozen features once"):
         recipe_from_dict(backbone_recipe(tiny_bert_dir, source, target, tmp_path / "out", "lora", method="tca"))
+
+
+@pytest.mark.parametrize("strategy", ["freeze_backbone", "full"])
+def test_an_empty_target_or_one_of_another_modality_is_one_clear_error(tiny_bert_dir, domains, tmp_path, strategy):
+    from PIL import Image
+
+    source, _ = domains
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    images = tmp_path / "images"
+    for label in ("negative", "positive"):
+        (images / label).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(images / label / "0.png")
+    for target, message in ((empty, "split is empty"), (images, "no data files")):
+        recipe = recipe_from_dict(backbone_recipe(tiny_bert_dir, source, target, tmp_path / "out", strategy, method="mmd"))
+        with pytest.raises(HfTransferError, match=rf"adaptation.target_path .* cannot be read as text data .*{message}"):
+            run_training(recipe)
+        assert not (tmp_path / "out").exists()  # refused before anything was written
