@@ -15,7 +15,6 @@ from hf_transfer.adaptation.losses import (
     RANDOMIZED_WIDTH,
     ConditionalDiscriminator,
     DomainDiscriminator,
-    TransferComponentAnalysis,
     coral_loss,
     dann_weight,
     domain_adversarial_loss,
@@ -27,6 +26,7 @@ from hf_transfer.adaptation.losses import (
     mmd_loss,
     multilinear_map,
 )
+from hf_transfer.adaptation.tca import TransferComponentAnalysis
 from hf_transfer.errors import HfTransferError
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from hf_transfer.adaptation.losses import TransferComponentAnalysis
+from hf_transfer.adaptation.tca import TransferComponentAnalysis
 from hf_transfer.cache.head import feature_cache_dir
 from hf_transfer.cache.store import (
     ExampleFeatures,
