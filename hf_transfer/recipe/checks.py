@@ -153,7 +153,8 @@ def validate_mixing(recipe: Recipe) -> None:
             f"data.augment.mixup / cutmix blend images; task {recipe.task} has none: set them to 0."
         )
     if (augment.mixup or augment.cutmix) and recipe.adaptation.target_path:
-        raise HfTransferError("Domain adaptation trains on frozen features, which cannot be blended; set "
+        raise HfTransferError("Domain adaptation does not blend its batches (frozen features cannot be blended, and "
+                              "blended labels would blur the predictions cdan and mcc read); set "
                               "data.augment.mixup and cutmix to 0.")
     if (augment.mixup or augment.cutmix) and recipe.training.cache_features is True:
         raise HfTransferError("data.augment.mixup / cutmix blend the images, so cached features cannot stand in for "
@@ -171,7 +172,8 @@ def validate_head_first(recipe: Recipe) -> None:
         "partial and full rungs)": recipe.strategy.name == "auto",
         f"head.type {recipe.head.type} is not one linear layer": recipe.head.type != "linear",
         "training.cache_features is false": recipe.training.cache_features is False,
-        "domain adaptation trains on frozen features": bool(recipe.adaptation.target_path),
+        "domain adaptation builds its own plan (a head on frozen features, or the backbone in the loop)":
+            bool(recipe.adaptation.target_path),
         "a two-tower model has no single head": recipe.task == "multimodal",
     }
     reason = next((reason for reason, applies in reasons.items() if applies), None)
