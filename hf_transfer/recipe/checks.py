@@ -227,6 +227,12 @@ def validate_adaptation(recipe: Recipe) -> None:
     if recipe.strategy.name == "auto":
         raise HfTransferError("Domain adaptation needs one strategy (strategy auto would choose it on the source alone); "
                               "set strategy.name freeze_backbone, or partial, full or lora to adapt the backbone too.")
+    if recipe.training.lr == "auto" and recipe.strategy.name != "freeze_backbone" and adaptation.method != "none":
+        raise HfTransferError(
+            "training.lr auto runs its range test on source batches alone, without the target batches the domain loss "
+            f"of adaptation.method {adaptation.method} reads when the backbone trains; set training.lr (and "
+            "training.backbone_lr) to numbers."
+        )
     if adaptation.method == "tca" and recipe.strategy.name != "freeze_backbone":
         raise HfTransferError(
             f"adaptation.method tca maps frozen features once, before training, but strategy {recipe.strategy.name} "
