@@ -182,9 +182,14 @@ def save_run(save: Callable[[Path], None], card: str, recipe: Recipe, summary: d
         save(staging)
     write_json(output_dir / METRICS_FILE, summary)
     best = summary["eval"]
-    say(accelerator, f"best epoch {summary['best_epoch']}: accuracy {best['accuracy']:.4f}, "
-                     f"macro F1 {best['f1_macro']:.4f}; saved to {output_dir}")
     write_card(card, output_dir, recipe, summary)
+    if summary["adaptation"]:  # the evaluation data is the target's, and the epoch was not chosen on it
+        say(accelerator, f"last epoch {summary['best_epoch']}: target accuracy {best['accuracy']:.4f}, target macro F1 "
+                         f"{best['f1_macro']:.4f} (the target's labels only scored it); source validation accuracy "
+                         f"{summary['adaptation']['source_validation_accuracy']:.4f}; saved to {output_dir}")
+    else:
+        say(accelerator, f"best epoch {summary['best_epoch']}: accuracy {best['accuracy']:.4f}, "
+                         f"macro F1 {best['f1_macro']:.4f}; saved to {output_dir}")
 
 
 def finish_run(recipe: Recipe, accelerator: Accelerator) -> None:

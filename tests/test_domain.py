@@ -112,7 +112,9 @@ ADAPTATION = {"method": "coral", "target_path": "target.jsonl"}
     "recipe, message",
     [
         ({"strategy": {"name": "freeze_backbone"}, "adaptation": {"method": "mmd"}}, "target_path"),
-        ({"strategy": {"name": "full"}, "adaptation": ADAPTATION}, "freeze_backbone"),
+        ({"strategy": {"name": "full"}, "adaptation": {**ADAPTATION, "method": "tca"}}, "tca maps frozen features"),
+        ({"strategy": {"name": "auto"}, "adaptation": ADAPTATION}, "needs one strategy"),
+        ({"strategy": {"name": "lora"}, "training": {"lr": "auto"}, "adaptation": ADAPTATION}, "range test on source batches"),
         ({"task": "image", "strategy": {"name": "freeze_backbone"}, "adaptation": {**ADAPTATION, "features": "mean"}},
          "text models"),
         ({"strategy": {"name": "freeze_backbone"}, "adaptation": {**ADAPTATION, "tca_components": 600}}, "tca_max_samples"),

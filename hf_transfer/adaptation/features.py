@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from hf_transfer.adaptation.losses import TransferComponentAnalysis
+from hf_transfer.adaptation.tca import TransferComponentAnalysis
 from hf_transfer.cache.head import feature_cache_dir
 from hf_transfer.cache.store import (
     ExampleFeatures,
@@ -48,7 +48,13 @@ def target_recipe(recipe: Recipe) -> Recipe:
 
 def load_target_task(recipe: Recipe, label_names: list[str]) -> Plan:
     """The target read by the recipe's own task builder, so it is preprocessed exactly as the source."""
-    target = task_builder(recipe)(target_recipe(recipe))
+    try:
+        target = task_builder(recipe)(target_recipe(recipe))
+    except HfTransferError as error:  # an empty target, or one of another modality, named as the target
+        raise HfTransferError(
+            f"The target (adaptation.target_path {recipe.adaptation.target_path}) cannot be read as {recipe.task} "
+            f"data like the source: {error}"
+        ) from None
     if target.label_names != label_names:
         raise HfTransferError(
             f"The target's labels {target.label_names} differ from the source's {label_names}; domain "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hf_transfer.adaptation.losses import DomainDiscriminator
+from hf_transfer.adaptation.losses import DomainDiscriminator, domain_method
 from hf_transfer.recipe import AdaptationConfig
 from hf_transfer.sources.base import TransferModel
 
@@ -36,18 +36,22 @@ class AdaptationHead(nn.Module):
         return self.classifier(self.embed(features))
 
 
+def method_discriminator(config: AdaptationConfig, feature_dim: int, num_classes: int) -> DomainDiscriminator | None:
+    """The discriminator the recipe's method trains on `feature_dim`-wide features, or None."""
+    if config.method not in ("none", "tca") and domain_method(config.method).discriminator is not None:
+        return domain_method(config.method).discriminator(feature_dim, num_classes, config.bottleneck_dim, config.dropout)
+    return None
+
+
 class AdaptedHeadModel(TransferModel):
-    """The adapted head on frozen features, with DANN's domain discriminator beside it while training."""
+    """The adapted head on frozen features, with the method's domain discriminator (dann, cdan) beside it while training."""
 
     input_names = ("features",)
 
     def __init__(self, in_features: int, label_names: list[str], config: AdaptationConfig):
         super().__init__()
         self.model = AdaptationHead(in_features, len(label_names), config.bottleneck_dim, config.dropout)
-        self.discriminator = (
-            DomainDiscriminator(config.bottleneck_dim, hidden=config.bottleneck_dim, dropout=config.dropout)
-            if config.method == "dann" else None
-        )
+        self.discriminator = method_discriminator(config, config.bottleneck_dim, len(label_names))
         self.label_names = label_names
         self.head_modules = ["model"]
         self.head_prefixes = ["model.", "discriminator."]

@@ -5,19 +5,22 @@ losses, computed on the two batches' features, to the source task loss:
 
 - "dann":  a domain discriminator behind gradient reversal (Ganin & Lempitsky, 2015);
 - "mmd":   multi-kernel Gaussian maximum mean discrepancy (DAN, Long et al., 2015);
-- "coral": distance between feature covariances (Deep CORAL, Sun & Saenko, 2016).
+- "coral": distance between feature covariances (Deep CORAL, Sun & Saenko, 2016);
+- "cdan":  a discriminator on the outer product of features and predictions, entropy-weighted
+           (CDAN+E, Long, Cao, Wang & Jordan, 2018);
+- "mcc":   minimum class confusion of the target predictions, no discriminator (Jin, Wang, Long &
+           Wang, 2020).
 
-`TransferComponentAnalysis` (Pan et al., 2011) is the classical baseline on frozen features.
+`TransferComponentAnalysis` (Pan et al., 2011, tca.py) is the classical baseline on frozen features.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import scipy.linalg
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -162,101 +165,197 @@ def coral_loss(source: Tensor, target: Tensor) -> Tensor:
     return (covariance(source) - covariance(target)).pow(2).sum() / (4.0 * d * d)
 
 
-def domain_loss(method: str, source_features: Tensor, target_features: Tensor,
-                weight: float = 1.0, discriminator: DomainDiscriminator | None = None,
-                **options: Any) -> Tensor:
-    """The named domain loss, to add to the task loss; `weight` scales its gradient on the features.
+def entropy(logits: Tensor) -> Tensor:
+    """Shannon entropy (nats) of each row's softmax: (batch, classes) -> (batch,)."""
+    log_p = F.log_softmax(logits.float(), dim=1)
+    return -(log_p.exp() * log_p).sum(1)
 
-    For "dann" the discriminator itself trains at full strength and `weight` is the reversal
-    coefficient; for "mmd" and "coral" the loss is multiplied by `weight`. `options` go to the loss.
+
+def certainty_weights(logits: Tensor) -> Tensor:
+    """1 + exp(-H(p)): CDAN's entropy conditioning and MCC's example weights; detached, they only weigh."""
+    return 1.0 + torch.exp(-entropy(logits.detach()))
+
+
+class RandomizedMultilinearMap(nn.Module):
+    """CDAN's randomized multilinear map (Long et al., 2018, eq. 6): (R_f f) * (R_g g) / sqrt(out).
+
+    Fixed Gaussian matrices, drawn once from `seed`; used when the full outer product of features and
+    predictions would be wider than `max_outer_width`, where its expectation is that product's inner product.
     """
-    loss_fn = _lookup(method)
-    if method == "dann":
-        if discriminator is None:
-            raise AdaptationError("method 'dann' needs a DomainDiscriminator: pass discriminator=")
-        return loss_fn(discriminator, source_features, target_features, weight)
-    return weight * loss_fn(source_features, target_features, **options)
+
+    def __init__(self, feature_dim: int, num_classes: int, out_features: int, seed: int = 0) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("feature_matrix", torch.randn(feature_dim, out_features, generator=generator))
+        self.register_buffer("class_matrix", torch.randn(num_classes, out_features, generator=generator))
+        self.out_features = out_features
+
+    def forward(self, features: Tensor, probabilities: Tensor) -> Tensor:
+        return (features @ self.feature_matrix) * (probabilities @ self.class_matrix) / math.sqrt(self.out_features)
 
 
-DOMAIN_LOSSES: dict[str, Callable[..., Tensor]] = {
-    "dann": domain_adversarial_loss,
-    "mmd": mmd_loss,
-    "coral": coral_loss,
+# the paper switches to the randomized map for wide features; 4,096 keeps a 256-wide bottleneck with
+# up to 16 classes exact, and the discriminator's first layer under ~1M weights at a hidden width of 256
+MAX_OUTER_WIDTH = 4096
+RANDOMIZED_WIDTH = 1024
+
+
+def multilinear_map(features: Tensor, probabilities: Tensor) -> Tensor:
+    """CDAN's conditioning T(f, g) = f outer g, flattened: (batch, d) x (batch, C) -> (batch, d * C).
+
+    Entry [b, i * C + j] is f[b, i] * g[b, j], so the discriminator sees which class each feature co-occurs with.
+    """
+    if features.dim() != 2 or probabilities.dim() != 2 or len(features) != len(probabilities):
+        raise AdaptationError(f"CDAN needs (batch, d) features and (batch, classes) predictions of one batch, got "
+                              f"{tuple(features.shape)} and {tuple(probabilities.shape)}")
+    return torch.bmm(features.unsqueeze(2), probabilities.unsqueeze(1)).flatten(1)
+
+
+def cdan_input_width(feature_dim: int, num_classes: int) -> int:
+    """Width of the CDAN discriminator's input: the outer product, or the randomized map where that is too wide."""
+    outer = feature_dim * num_classes
+    return outer if outer <= MAX_OUTER_WIDTH else RANDOMIZED_WIDTH
+
+
+class ConditionalDiscriminator(DomainDiscriminator):
+    """CDAN's discriminator: a DANN discriminator on the multilinear map of features and predictions."""
+
+    def __init__(self, feature_dim: int, num_classes: int, hidden: int = 256, dropout: float = 0.5) -> None:
+        width = cdan_input_width(feature_dim, num_classes)
+        super().__init__(width, hidden, dropout)
+        self.randomized = (RandomizedMultilinearMap(feature_dim, num_classes, width)
+                           if width != feature_dim * num_classes else None)
+
+    def condition(self, features: Tensor, logits: Tensor) -> Tensor:
+        # the predictions condition but do not learn from the discriminator: detached, as in the
+        # paper's released code, so the reversed gradient reaches the classifier only through f
+        probabilities = F.softmax(logits.detach().float(), dim=1).to(features.dtype)
+        if self.randomized is not None:
+            return self.randomized(features, probabilities)
+        return multilinear_map(features, probabilities)
+
+
+def conditional_adversarial_loss(discriminator: ConditionalDiscriminator, source_features: Tensor,
+                                 target_features: Tensor, source_logits: Tensor, target_logits: Tensor,
+                                 weight: float = 1.0, entropy_conditioning: bool = True) -> Tensor:
+    """CDAN+E (Long et al., NeurIPS 2018): the DANN loss on T(f, g), each example weighted by 1 + exp(-H(g)).
+
+    The weights are normalised within each domain, so source and target carry half the loss each and
+    confident (low-entropy) examples, whose predictions are more likely right, count for more.
+    """
+    _check_feature_pair(source_features, target_features)
+    conditioned = torch.cat([discriminator.condition(source_features, source_logits),
+                             discriminator.condition(target_features, target_logits)])
+    logits = discriminator(conditioned, weight)
+    n_source = source_features.shape[0]
+    labels = torch.cat([logits.new_ones(n_source), logits.new_zeros(target_features.shape[0])])
+    discriminator.last_accuracy = ((logits.detach() > 0).float() == labels).float().mean()
+    per_example = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
+    if not entropy_conditioning:
+        return per_example.mean()
+    source_weights, target_weights = certainty_weights(source_logits), certainty_weights(target_logits)
+    weights = torch.cat([source_weights / source_weights.sum(), target_weights / target_weights.sum()]) / 2
+    return (weights * per_example).sum()
+
+
+def minimum_class_confusion_loss(target_logits: Tensor, temperature: float = 2.5) -> Tensor:
+    """MCC (Jin et al., ECCV 2020): the between-class confusion of the target predictions.
+
+    Softened predictions Y = softmax(Z / T); example weights W = B (1 + exp(-H)) / sum(1 + exp(-H));
+    class correlation C = Y^T W Y; each column divided by its sum (category normalisation); the loss
+    is the sum of the off-diagonal entries divided by the number of classes. It is 0 when every
+    example is confidently one class and grows as classes are predicted together.
+    """
+    if target_logits.dim() != 2 or target_logits.shape[0] < 1:
+        raise AdaptationError(f"MCC needs (batch, classes) target logits, got shape {tuple(target_logits.shape)}")
+    if temperature <= 0:
+        raise AdaptationError(f"MCC's temperature must be > 0, got {temperature}")
+    batch, classes = target_logits.shape
+    probabilities = F.softmax(target_logits.float() / temperature, dim=1)
+    example_weights = certainty_weights(target_logits.float() / temperature)
+    example_weights = batch * example_weights / example_weights.sum()
+    correlation = probabilities.T @ (example_weights[:, None] * probabilities)
+    correlation = correlation / correlation.sum(0, keepdim=True).clamp_min(1e-12)
+    return (correlation.sum() - correlation.trace()) / classes
+
+
+@dataclass(frozen=True)
+class DomainBatch:
+    """What one training step gives a domain loss: both domains' aligned features and their logits."""
+
+    source_features: Tensor
+    target_features: Tensor
+    source_logits: Tensor | None = None
+    target_logits: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class DomainMethod:
+    """A domain objective: its loss on a `DomainBatch`, its default weight, whether the weight ramps
+    up as DANN's does, and the discriminator it trains (None: it needs none)."""
+
+    loss: Callable[..., Tensor]  # (batch, weight, discriminator, **options) -> the loss to add
+    default_weight: float
+    ramped: bool = False
+    discriminator: Callable[[int, int, int, float], DomainDiscriminator] | None = None  # (width, classes, hidden, dropout)
+    needs_logits: bool = False
+
+
+def _needs(discriminator: DomainDiscriminator | None, method: str) -> DomainDiscriminator:
+    if discriminator is None:
+        raise AdaptationError(f"method {method!r} needs a domain discriminator: pass discriminator=")
+    return discriminator
+
+
+def _needs_logits(batch: DomainBatch, method: str) -> tuple[Tensor, Tensor]:
+    if batch.source_logits is None or batch.target_logits is None:
+        raise AdaptationError(f"method {method!r} needs both domains' logits: pass source_logits= and target_logits=")
+    return batch.source_logits, batch.target_logits
+
+
+def _needs_target_logits(batch: DomainBatch, method: str) -> Tensor:
+    if batch.target_logits is None:
+        raise AdaptationError(f"method {method!r} needs the target's logits: pass target_logits=")
+    return batch.target_logits
+
+
+# Default weights: dann 0.1 was chosen once on the two PACS pairs (benchmarks/BENCHMARKS.md) and kept
+# for every pair; cdan shares DANN's discriminator, ramp and weight; mmd and coral 1; mcc 1 (its paper's).
+DOMAIN_METHODS: dict[str, DomainMethod] = {
+    "dann": DomainMethod(
+        lambda b, w, d, **_: domain_adversarial_loss(_needs(d, "dann"), b.source_features, b.target_features, w),
+        default_weight=0.1, ramped=True,
+        discriminator=lambda width, _classes, hidden, dropout: DomainDiscriminator(width, hidden, dropout),
+    ),
+    "cdan": DomainMethod(
+        lambda b, w, d, **_: conditional_adversarial_loss(_needs(d, "cdan"), b.source_features, b.target_features,
+                                                     *_needs_logits(b, "cdan"), w),
+        default_weight=0.1, ramped=True, needs_logits=True,
+        discriminator=lambda width, classes, hidden, dropout: ConditionalDiscriminator(width, classes, hidden, dropout),
+    ),
+    "mmd": DomainMethod(lambda b, w, _d, **_: w * mmd_loss(b.source_features, b.target_features), default_weight=1.0),
+    "coral": DomainMethod(lambda b, w, _d, **_: w * coral_loss(b.source_features, b.target_features), default_weight=1.0),
+    "mcc": DomainMethod(lambda b, w, _d, temperature=2.5, **_: w * minimum_class_confusion_loss(
+                            _needs_target_logits(b, "mcc"), temperature),
+                        default_weight=1.0, needs_logits=True),
 }
 
 
-def _lookup(method: str) -> Callable[..., Tensor]:
-    if method not in DOMAIN_LOSSES:
+def domain_method(method: str) -> DomainMethod:
+    if method not in DOMAIN_METHODS:
         raise AdaptationError(f"unknown domain adaptation method {method!r}; "
-                              f"choose one of {', '.join(sorted(DOMAIN_LOSSES))}")
-    return DOMAIN_LOSSES[method]
+                              f"choose one of {', '.join(sorted(DOMAIN_METHODS))}")
+    return DOMAIN_METHODS[method]
 
 
-class TransferComponentAnalysis:
-    """Transfer Component Analysis (Pan, Tsang, Kwok & Yang, 2011) on extracted features.
+def domain_loss(method: str, source_features: Tensor, target_features: Tensor, weight: float = 1.0,
+                discriminator: DomainDiscriminator | None = None, source_logits: Tensor | None = None,
+                target_logits: Tensor | None = None, **options: Any) -> Tensor:
+    """The named domain loss, to add to the task loss; `weight` scales its gradient on the features.
 
-    Finds `n_components` directions in the kernel space of the pooled source + target samples
-    that keep their variance while shrinking the MMD between the domains: the leading
-    eigenvectors of (K L K + mu I)^-1 K H K. Memory and time grow as n^2 and n^3 in the number
-    of fitted samples, so fit on a few thousand at most. With the linear kernel keep n_components
-    well below the feature width: at the full width the projection is merely a change of basis.
-    `mu` weighs the projection's size against the domain gap, so it is relative to the kernel's
-    scale: rbf entries are at most 1 and need mu ~ 0.01 to align (at mu = 1 TCA is nearly kernel
-    PCA), while a linear kernel on raw features aligns strongly at mu = 1.
+    For the adversarial methods (dann, cdan) the discriminator itself trains at full strength and
+    `weight` is the reversal coefficient; for the others the loss is multiplied by `weight`.
+    `options` go to the method (mcc: temperature).
     """
-
-    def __init__(self, n_components: int = 30, kernel: str = "linear", mu: float = 1.0,
-                 gamma: float | None = None) -> None:
-        if kernel not in ("linear", "rbf"):
-            raise AdaptationError(f"unknown TCA kernel {kernel!r}; choose 'linear' or 'rbf'")
-        if n_components < 1 or mu <= 0 or (gamma is not None and gamma <= 0):
-            raise AdaptationError(f"need n_components >= 1, mu > 0 and gamma > 0, got "
-                                  f"{n_components}, {mu}, {gamma}")
-        self.n_components, self.kernel, self.mu, self.gamma = n_components, kernel, mu, gamma
-
-    def _kernel(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        if self.kernel == "linear":
-            return a @ b.T
-        sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
-        return np.exp(-self.gamma_ * np.maximum(sq, 0.0))
-
-    def fit(self, source: np.ndarray, target: np.ndarray) -> TransferComponentAnalysis:
-        """Learn the transfer components from unlabelled source and target samples (n, d)."""
-        source, target = np.asarray(source, np.float64), np.asarray(target, np.float64)
-        if source.ndim != 2 or target.ndim != 2 or source.shape[1] != target.shape[1]:
-            raise AdaptationError(f"TCA needs two (n, d) arrays of equal d, got "
-                                  f"{source.shape} and {target.shape}")
-        n_source, n_target = len(source), len(target)
-        n = n_source + n_target
-        if n_source < 1 or n_target < 1 or self.n_components > n:
-            raise AdaptationError(f"n_components ({self.n_components}) must not exceed the "
-                                  f"number of samples ({n}), and both domains need samples")
-        self.samples_ = np.vstack([source, target])
-        # sklearn's "scale" default: 1 / (d * variance) keeps exponents O(1) whatever the units
-        self.gamma_ = self.gamma or 1.0 / (self.samples_.shape[1] * self.samples_.var() or 1.0)
-        k = self._kernel(self.samples_, self.samples_)
-        # L encodes the MMD of the domain means in kernel space: tr(K L) = MMD^2
-        e = np.concatenate([np.full(n_source, 1.0 / n_source), np.full(n_target, -1.0 / n_target)])
-        centring = np.eye(n) - 1.0 / n
-        spread = k @ centring @ k
-        mismatch = k @ np.outer(e, e) @ k + self.mu * np.eye(n)
-        # symmetrise away round-off so eigh's symmetric-definite solver applies
-        spread, mismatch = (spread + spread.T) / 2, (mismatch + mismatch.T) / 2
-        _, vectors = scipy.linalg.eigh(spread, mismatch,
-                                       subset_by_index=[n - self.n_components, n - 1])
-        self.components_ = vectors[:, ::-1]  # largest eigenvalue first
-        return self
-
-    def transform(self, x: np.ndarray) -> np.ndarray:
-        """Project samples (m, d) through the kernel against the fitted samples -> (m, n_components)."""
-        if not hasattr(self, "components_"):
-            raise AdaptationError("call fit(source, target) before transform")
-        x = np.asarray(x, np.float64)
-        if x.ndim != 2 or x.shape[1] != self.samples_.shape[1]:
-            raise AdaptationError(f"expected (m, {self.samples_.shape[1]}) samples, got {x.shape}")
-        return self._kernel(x, self.samples_) @ self.components_
-
-    def fit_transform(self, source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Fit on both domains and return (source, target) projected."""
-        self.fit(source, target)
-        return self.transform(source), self.transform(target)
+    batch = DomainBatch(source_features, target_features, source_logits, target_logits)
+    return domain_method(method).loss(batch, weight, discriminator, **options)

@@ -26,7 +26,7 @@ from torch import nn
 
 from hf_transfer.adaptation.features import FeatureMap
 from hf_transfer.adaptation.head import AdaptationHead, AdaptedHeadModel
-from hf_transfer.adaptation.losses import TransferComponentAnalysis
+from hf_transfer.adaptation.tca import TransferComponentAnalysis
 from hf_transfer.errors import HfTransferError
 from hf_transfer.export.layout import ADAPTATION_FILE, TCA_FILE
 from hf_transfer.export.layout import ADAPTATION_HEAD_FILE as HEAD_WEIGHTS_FILE

@@ -1,12 +1,13 @@
 """Unsupervised domain adaptation runs: a labelled source, an unlabelled target, the shared loop.
 
 The recipe's `data` is the source and `adaptation.target_path` the target, read the same way (same
-columns, same preprocessing). The backbone stays frozen, so the features of every source and target
+columns, same preprocessing). A strategy that trains the backbone adapts it in the loop (backbone.py);
+otherwise the backbone stays frozen, so the features of every source and target
 example are computed once (features.py); a small head (head.py) trains on them in the shared loop.
 
 Each training batch carries a source batch and an equally large target batch drawn at random; the
-`DomainObjective` callback adds the domain loss (dann, mmd or coral) between the two batches'
-bottleneck features to the source classification loss. TCA instead maps both domains' features
+`DomainObjective` callback adds the domain loss (dann, cdan, mmd, coral or mcc) between the two
+batches' bottleneck features (and, for cdan and mcc, their predictions) to the source classification loss. TCA instead maps both domains' features
 once, before the head trains, and needs no loss. Method `none` is the source-only baseline on the
 same features, head and budget.
 
@@ -16,11 +17,14 @@ epoch rather than the epoch the target would pick, and the target never reaches 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from hf_transfer.adaptation.backbone import backbone_adaptation_plan
 from hf_transfer.adaptation.features import (
     DomainFeatures,
     Split,
@@ -29,46 +33,33 @@ from hf_transfer.adaptation.features import (
     load_target_task,
 )
 from hf_transfer.adaptation.head import AdaptedHeadModel
-from hf_transfer.adaptation.losses import dann_weight, domain_loss
+from hf_transfer.adaptation.losses import DomainBatch
+from hf_transfer.adaptation.objective import DomainObjective, domain_loss_weight
 from hf_transfer.adaptation.model import save_adapted_model
 from hf_transfer.cache.head import CachedFeatures, cached_loader
 from hf_transfer.console import say
 from hf_transfer.recipe import AdaptationConfig, Recipe
+from hf_transfer.strategies import get_strategy
 from hf_transfer.training.metrics import evaluate
 from hf_transfer.training.plan import Callback, Plan
 
 __all__ = ["DomainFeatures", "DomainObjective", "SourceWithTarget", "adaptation_plan", "build_adaptation_plan"]
 
 
-# Chosen once on the two PACS pairs and kept for every pair: with standardised features, DANN at
-# weight 1 lets the discriminator win and the target accuracy swing from epoch to epoch.
-DEFAULT_WEIGHTS = {"dann": 0.1, "mmd": 1.0, "coral": 1.0}
+def bottleneck_view(model: AdaptedHeadModel) -> Callable[[nn.Module, dict[str, torch.Tensor]], DomainBatch]:
+    """The frozen path's domain batch: both domains' bottleneck features, in one pass, and their logits.
 
+    `model` rather than the trainer's (possibly wrapped) one, to reach the bottleneck by name.
+    """
 
-def domain_loss_weight(config: AdaptationConfig) -> float:
-    return config.weight if config.weight is not None else DEFAULT_WEIGHTS.get(config.method, 0.0)
-
-
-class DomainObjective(Callback):
-    """The domain loss between a batch's source and target bottlenecks, added to the task loss."""
-
-    cuda_graphs_blocker = "an auxiliary loss"  # its weight changes every step, which a recorded graph cannot follow
-
-    def __init__(self, model: AdaptedHeadModel, config: AdaptationConfig):
-        self.model, self.config = model, config
-
-    def extra_loss(self, _model: nn.Module, inputs: dict[str, torch.Tensor], progress: float) -> torch.Tensor:
+    def view(_trained: nn.Module, inputs: dict[str, torch.Tensor]) -> DomainBatch:
         source, target = inputs["features"], inputs["target_features"]
-        # one pass over both domains, as DANN and DAN do; `self.model` rather than the trainer's
-        # (possibly wrapped) model, to reach the bottleneck and the discriminator by name
-        bottleneck = self.model.model.embed(torch.cat([source, target]))
-        source_features, target_features = bottleneck[: len(source)], bottleneck[len(source):]
-        method, weight = self.config.method, domain_loss_weight(self.config)
-        if method == "dann":
-            weight = dann_weight(progress, self.config.ramp_gamma, weight)
-            return domain_loss(method, source_features, target_features, weight, self.model.discriminator)
-        return domain_loss(method, source_features, target_features, weight)
+        bottleneck = model.model.embed(torch.cat([source, target]))
+        logits = model.model.classifier(bottleneck)
+        n = len(source)
+        return DomainBatch(bottleneck[:n], bottleneck[n:], logits[:n], logits[n:])
 
+    return view
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +110,8 @@ def build_adaptation_plan(features: DomainFeatures, label_names: list[str], reci
     model = AdaptedHeadModel(splits["train"][0].shape[1], label_names, config).to(device)
     if feature_map is None:  # TCA's map standardises already, and keeps its components' relative scale
         model.model.set_statistics(splits["train"][0])
-    objective = [DomainObjective(model, config)] if config.method in ("dann", "mmd", "coral") else []
+    objective = ([DomainObjective(config, bottleneck_view(model), model.discriminator)]
+                 if config.method not in ("none", "tca") else [])
 
     def eval_loader(split: str) -> DataLoader:
         dataset = CachedFeatures([splits[split][0]], splits[split][1])
@@ -159,6 +151,14 @@ def build_adaptation_plan(features: DomainFeatures, label_names: list[str], reci
 
 
 def adaptation_plan(recipe: Recipe, source: Plan, accelerator: Accelerator) -> Plan:
+    """With a frozen backbone, the head on both domains' cached features (below); with a strategy that
+    trains the backbone, the task's own classifier with the domain loss in the loop (backbone.py)."""
+    if get_strategy(recipe.strategy).trains_backbone:
+        return backbone_adaptation_plan(recipe, source, accelerator)
+    return frozen_adaptation_plan(recipe, source, accelerator)
+
+
+def frozen_adaptation_plan(recipe: Recipe, source: Plan, accelerator: Accelerator) -> Plan:
     """Target data, frozen features of both domains, and the head with its domain objective."""
     target = load_target_task(recipe, source.label_names)
     features = domain_features(recipe, source, target, accelerator)

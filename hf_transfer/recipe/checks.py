@@ -153,7 +153,8 @@ def validate_mixing(recipe: Recipe) -> None:
             f"data.augment.mixup / cutmix blend images; task {recipe.task} has none: set them to 0."
         )
     if (augment.mixup or augment.cutmix) and recipe.adaptation.target_path:
-        raise HfTransferError("Domain adaptation trains on frozen features, which cannot be blended; set "
+        raise HfTransferError("Domain adaptation does not blend its batches (frozen features cannot be blended, and "
+                              "blended labels would blur the predictions cdan and mcc read); set "
                               "data.augment.mixup and cutmix to 0.")
     if (augment.mixup or augment.cutmix) and recipe.training.cache_features is True:
         raise HfTransferError("data.augment.mixup / cutmix blend the images, so cached features cannot stand in for "
@@ -171,7 +172,8 @@ def validate_head_first(recipe: Recipe) -> None:
         "partial and full rungs)": recipe.strategy.name == "auto",
         f"head.type {recipe.head.type} is not one linear layer": recipe.head.type != "linear",
         "training.cache_features is false": recipe.training.cache_features is False,
-        "domain adaptation trains on frozen features": bool(recipe.adaptation.target_path),
+        "domain adaptation builds its own plan (a head on frozen features, or the backbone in the loop)":
+            bool(recipe.adaptation.target_path),
         "a two-tower model has no single head": recipe.task == "multimodal",
     }
     reason = next((reason for reason, applies in reasons.items() if applies), None)
@@ -222,10 +224,20 @@ def validate_adaptation(recipe: Recipe) -> None:
         raise HfTransferError(f"adaptation.method {adaptation.method} needs adaptation.target_path (the target data).")
     if recipe.task == "multimodal":
         raise HfTransferError("Domain adaptation serves task text or image, not multimodal; set adaptation.method none.")
-    if recipe.strategy.name != "freeze_backbone":
+    if recipe.strategy.name == "auto":
+        raise HfTransferError("Domain adaptation needs one strategy (strategy auto would choose it on the source alone); "
+                              "set strategy.name freeze_backbone, or partial, full or lora to adapt the backbone too.")
+    if recipe.training.lr == "auto" and recipe.strategy.name != "freeze_backbone" and adaptation.method != "none":
         raise HfTransferError(
-            "Domain adaptation trains a bottleneck and classifier on the frozen backbone's features; "
-            "set strategy.name freeze_backbone."
+            "training.lr auto runs its range test on source batches alone, without the target batches the domain loss "
+            f"of adaptation.method {adaptation.method} reads when the backbone trains; set training.lr (and "
+            "training.backbone_lr) to numbers."
+        )
+    if adaptation.method == "tca" and recipe.strategy.name != "freeze_backbone":
+        raise HfTransferError(
+            f"adaptation.method tca maps frozen features once, before training, but strategy {recipe.strategy.name} "
+            "trains the backbone, which would change them; set strategy.name freeze_backbone, or use dann, cdan, mmd, "
+            "coral or mcc."
         )
     if adaptation.features == "mean" and recipe.task != "text":
         raise HfTransferError("adaptation.features mean applies to text models; use head_input for images.")

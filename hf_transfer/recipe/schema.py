@@ -160,10 +160,12 @@ class HeadConfig:
 class AdaptationConfig:
     """Unsupervised domain adaptation: `data` is the labelled source, `target_path` the unlabelled target."""
 
-    method: Literal["none", "dann", "mmd", "coral", "tca"] = _f(
+    method: Literal["none", "dann", "cdan", "mmd", "coral", "mcc", "tca"] = _f(
         "none",
-        "none: source only. dann: domain discriminator behind gradient reversal; mmd: multi-kernel MMD (DAN); "
-        "coral: covariance alignment; tca: transfer component analysis of the features before the head trains.",
+        "none: source only. dann: domain discriminator behind gradient reversal; cdan: a discriminator on the outer "
+        "product of features and predictions, entropy-weighted (CDAN+E); mmd: multi-kernel MMD (DAN); coral: "
+        "covariance alignment; mcc: minimum class confusion of the target predictions (no discriminator); tca: "
+        "transfer component analysis of the frozen features before the head trains (freeze_backbone only).",
     )
     target_path: str | None = _f(
         None, "Target data, read like data.path (same columns and preprocessing). Its labels, if any, are used only "
@@ -177,10 +179,15 @@ class AdaptationConfig:
         "such as all-MiniLM-L6-v2 are trained to produce).",
     )
     weight: float | None = _f(
-        None, "Weight of the domain loss: dann, the largest gradient-reversal weight (its ramp ends there); "
-        "mmd and coral, the loss's multiplier. null: the method's default (dann 0.1, mmd 1, coral 1).", at_least=0
+        None, "Weight of the domain loss: dann and cdan, the largest gradient-reversal weight (its ramp ends there); "
+        "mmd, coral and mcc, the loss's multiplier. null: the method's default (dann 0.1, cdan 0.1, mmd 1, coral 1, "
+        "mcc 1).", at_least=0
     )
-    ramp_gamma: float = _f(10.0, "dann: steepness of the reversal-weight ramp 2/(1+exp(-gamma*progress))-1.", above=0)
+    ramp_gamma: float = _f(10.0, "dann and cdan: steepness of the reversal-weight ramp 2/(1+exp(-gamma*progress))-1.", above=0)
+    mcc_temperature: float = _f(
+        2.5, "mcc: temperature that softens the target predictions before their class confusion is measured "
+        "(the paper's 2.5).", above=0
+    )
     bottleneck_dim: int = _f(256, "Width of the bottleneck layer whose features the domain loss aligns.", at_least=1)
     dropout: float = _f(0.5, "Dropout after the bottleneck (and inside the domain discriminator).", at_least=0, below=1)
     tca_components: int = _f(64, "tca: number of transfer components (the head's input width).", at_least=1)

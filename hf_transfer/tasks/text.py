@@ -92,8 +92,11 @@ def build_text_task(recipe: Recipe) -> Plan:
     seed, training = recipe.training.seed, recipe.training
     splits = load_text_splits(recipe.data, seed)
     tokenizer = load_tokenizer(recipe.model)
-    # domain adaptation pools as adaptation.features says, on the source's own model
-    pooling = "head_input" if recipe.adaptation.target_path else resolve_pooling(recipe.head.pooling, recipe.model)
+    # domain adaptation pools as adaptation.features says: on frozen features, through the source's own model;
+    # with the backbone in the loop, the classifier itself reads that pooling
+    pooling = resolve_pooling(recipe.head.pooling, recipe.model)
+    if recipe.adaptation.target_path:
+        pooling = recipe.adaptation.features if get_strategy(recipe.strategy).trains_backbone else "head_input"
     model = load_text_model(recipe.model, splits.label_names, pooling, recipe.head.dropout)
     data = dataclasses.replace(recipe.data, max_length=usable_max_length(recipe.data.max_length, model, tokenizer))
     train_set = tokenize(splits.train, tokenizer, data)
