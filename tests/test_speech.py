@@ -119,3 +119,121 @@ def test_offline_copy_builds_a_whole_transformers_folder_once(tiny_whisper, tmp_
     monkeypatch.setattr(packaged_speech, "convert_whisper", lambda *a: pytest.fail("converted twice"))
     assert offline_speech_model_dir("tiny.en") == folder
     assert set(OFFLINE_SPEECH_MODELS) >= {"openai/whisper-tiny.en", "whisper-tiny.en"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Task audio: tones of two pitches in class folders, a tiny random Whisper with a 1 s window
+
+
+def write_wav(path: Path, wave: np.ndarray, rate: int) -> Path:
+    """16-bit PCM mono, with the standard library's writer (no audio package needed to make test data)."""
+    import wave as wave_module
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave_module.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes((np.clip(wave, -1, 1) * 32767).astype("<i2").tobytes())
+    return path
+
+
+def tone(pitch: float, seconds: float, rate: int, rng: np.random.Generator) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return 0.5 * np.sin(2 * np.pi * pitch * (1 + rng.uniform(-0.05, 0.05)) * t) + rng.normal(0, 0.02, t.size)
+
+
+PITCHES = {"high": 3000.0, "low": 300.0}
+
+
+def write_tone_folder(root: Path, train: int = 12, val: int = 6, seed: int = 0) -> Path:
+    """train/<pitch>/*.wav and val/<pitch>/*.wav at 8 kHz (the extractor takes 16 kHz: resampled)."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train), ("val", val)):
+        for name, pitch in PITCHES.items():
+            for i in range(count):
+                write_wav(root / split / name / f"{name}_{i}.wav", tone(pitch, 0.6, 8000, rng), 8000)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_whisper_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import WhisperFeatureExtractor
+
+    folder = tmp_path_factory.mktemp("tiny_whisper")
+    torch.manual_seed(0)
+    # weights drawn wider than Whisper's init (0.02), so that a random encoder passes the spectrum on
+    WhisperForConditionalGeneration(tiny_whisper_config(**TINY_IDS, init_std=0.3)).save_pretrained(folder)
+    # a 1 s window: 100 mel frames, which the encoder's 50 positions take after its stride-2 convolution
+    WhisperFeatureExtractor(feature_size=16, chunk_length=1).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tones(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tone_folder(tmp_path_factory.mktemp("tones"))
+
+
+def audio_recipe(model_dir: Path, data_dir: Path, output: Path, **sections) -> dict:
+    recipe = {
+        "task": "audio",
+        "model": {"name": str(model_dir)},
+        "data": {"path": str(data_dir)},
+        "strategy": {"name": "freeze_backbone"},
+        "head": {"solver": "loop"},
+        "training": {"epochs": 8, "batch_size": 8, "lr": 3e-2, "num_workers": 0, "logging_steps": 100,
+                     "cache_features": False},
+        "output": {"dir": str(output), "overwrite": True},
+    }
+    for section, values in sections.items():
+        recipe[section] = {**recipe.get(section, {}), **values}
+    return recipe
+
+
+def train_audio(recipe: dict) -> tuple[dict, torch.nn.Module, dict]:
+    from hf_transfer import tasks as task_registry
+    from hf_transfer.recipe import recipe_from_dict
+    from hf_transfer.run import run_training
+
+    captured = {}
+    build = task_registry.TASKS["audio"]
+
+    def capturing(parsed):
+        plan = build(parsed)
+        captured["model"] = plan.model
+        captured["before"] = {k: v.detach().clone() for k, v in plan.model.state_dict().items()}
+        return plan
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(task_registry.TASKS, "audio", capturing)
+        summary = run_training(recipe_from_dict(recipe))
+    return summary, captured["model"].eval(), captured["before"]
+
+
+@pytest.fixture(scope="module")
+def trained_audio(tiny_whisper_dir: Path, tones: Path, tmp_path_factory: pytest.TempPathFactory):
+    output = tmp_path_factory.mktemp("audio_run")
+    return (*train_audio(audio_recipe(tiny_whisper_dir, tones, output)), output)
+
+
+def test_audio_task_learns_pitch_with_a_frozen_whisper_encoder(trained_audio):
+    summary, model, before, _ = trained_audio
+    assert summary["eval"]["accuracy"] == 1.0
+    assert summary["eval"]["num_samples"] == 12
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if not k.startswith("model.head."))
+    assert not torch.equal(after["model.head.weight"], before["model.head.weight"])
+
+
+def test_saved_audio_model_loads_with_stock_transformers_and_predicts(trained_audio, tones: Path):
+    from transformers import AutoFeatureExtractor, AutoModel
+
+    from hf_transfer.inference.predict import predict
+
+    _, model, _, output = trained_audio
+    encoder = AutoModel.from_pretrained(output)  # the encoder alone, as transformers saved it
+    assert encoder.config.id2label == {0: "high", 1: "low"}
+    assert AutoFeatureExtractor.from_pretrained(output).chunk_length == 1
+    files = sorted(str(p) for p in (tones / "val").rglob("*.wav"))
+    predictions = predict(output, files, top_k=1, batch_size=4)
+    assert [p.label for p in predictions] == [Path(f).parent.name for f in files]
