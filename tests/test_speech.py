@@ -226,14 +226,26 @@ def test_audio_task_learns_pitch_with_a_frozen_whisper_encoder(trained_audio):
 
 
 def test_saved_audio_model_loads_with_stock_transformers_and_predicts(trained_audio, tones: Path):
-    from transformers import AutoFeatureExtractor, AutoModel
+    from transformers import AutoFeatureExtractor
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
     from hf_transfer.inference.predict import predict
 
     _, model, _, output = trained_audio
-    encoder = AutoModel.from_pretrained(output)  # the encoder alone, as transformers saved it
+    encoder, info = WhisperEncoder.from_pretrained(output, output_loading_info=True)  # as transformers saved it
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert torch.equal(encoder.conv1.weight, model.model.encoder.conv1.weight)
     assert encoder.config.id2label == {0: "high", 1: "low"}
     assert AutoFeatureExtractor.from_pretrained(output).chunk_length == 1
     files = sorted(str(p) for p in (tones / "val").rglob("*.wav"))
     predictions = predict(output, files, top_k=1, batch_size=4)
-    assert [p.label for p in predictions] == [Path(f).parent.name for f in files]
+    assert [p.labels[0] for p in predictions] == [Path(f).parent.name for f in files]
+
+
+def test_evaluate_scores_an_audio_folder(trained_audio, tones: Path):
+    from hf_transfer.inference.evaluate import evaluate_saved_model
+
+    summary, _, _, output = trained_audio
+    result = evaluate_saved_model(output, str(tones), split="val", overwrite=True)
+    assert result.metrics["accuracy"] == summary["eval"]["accuracy"]
+    assert result.metrics["num_samples"] == 12

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import Audio, Dataset, DatasetDict, Value, load_dataset
+from datasets.packaged_modules.audiofolder.audiofolder import AudioFolder
 from torch.utils.data import DataLoader
 
 from hf_transfer.console import bar
@@ -125,20 +126,32 @@ def _as_undecoded_audio(dataset: Dataset, column: str, base_dir: Path | None) ->
     return dataset.cast_column(column, Audio(decode=False))
 
 
-def load_audio_splits(config: DataConfig, seed: int, sampling_rate: int, window: float) -> LabelledSplits:
-    """Train and validation audio (undecoded), labels encoded, unreadable and silent files dropped."""
+AUDIO_EXTENSIONS = frozenset(ext.lower() for ext in AudioFolder.EXTENSIONS)  # the files audiofolder reads
+
+
+def load_raw_audio(config: DataConfig) -> tuple[DatasetDict, Path | None]:
+    """The data set, and the folder that relative audio paths in a table are relative to."""
     if config.path is None:
         raise HfTransferError("The recipe has no data.path: set a folder of class folders, a CSV of audio paths, or a Hub id.")
     path = Path(config.path)
     if _is_audio_folder(path):
-        raw: DatasetDict = load_dataset("audiofolder", data_dir=str(path))
-        base_dir = path
-    else:
-        raw, base_dir = load_raw(config), (path if path.is_dir() else path.parent if path.is_file() else None)
+        return load_dataset("audiofolder", data_dir=str(path)), path
+    return load_raw(config), (path if path.is_dir() else path.parent if path.is_file() else None)
+
+
+def readable_audio(dataset: Dataset, column: str, base_dir: Path | None, sampling_rate: int, window: float,
+                   check: AudioCheck) -> Dataset:
+    """The audio column undecoded (table paths made absolute), only the rows whose audio can be used."""
+    return check_audio(_as_undecoded_audio(dataset, column, base_dir), column, sampling_rate, window, check)
+
+
+def load_audio_splits(config: DataConfig, seed: int, sampling_rate: int, window: float) -> LabelledSplits:
+    """Train and validation audio (undecoded), labels encoded, unreadable and silent files dropped."""
+    raw, base_dir = load_raw_audio(config)
     splits = labelled_splits(raw, config, [config.audio_column], seed)
     check = AudioCheck()
-    train, validation = (check_audio(_as_undecoded_audio(s, config.audio_column, base_dir), config.audio_column,
-                                     sampling_rate, window, check) for s in (splits.train, splits.validation))
+    train, validation = (readable_audio(s, config.audio_column, base_dir, sampling_rate, window, check)
+                         for s in (splits.train, splits.validation))
     log_audio_check(check, sampling_rate, window)
     present = set(train["label"])
     missing = [name for i, name in enumerate(splits.label_names) if i not in present]

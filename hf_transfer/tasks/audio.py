@@ -39,6 +39,8 @@ def save_speech_model(trained: SpeechClassifier, extractor: Any, folder: Path, r
         "format": 1, "task": "audio", "head": dataclasses.asdict(recipe.head), "pooling": "masked_mean",
         "source_model": dataclasses.asdict(recipe.model), "strategy": recipe.strategy.name,
         "label_names": list(trained.label_names), "input_name": trained.input_names[0],
+        # the encoder's own transformers class (WhisperEncoder has no Auto class): the loader imports it from here
+        "encoder_module": type(encoder).__module__, "encoder_class": type(encoder).__name__,
     }
     (folder / HEAD_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
