@@ -249,3 +249,64 @@ def test_evaluate_scores_an_audio_folder(trained_audio, tones: Path):
     result = evaluate_saved_model(output, str(tones), split="val", overwrite=True)
     assert result.metrics["accuracy"] == summary["eval"]["accuracy"]
     assert result.metrics["num_samples"] == 12
+
+
+def test_unusable_audio_is_skipped_and_listed_and_resampling_and_cutting_said(tmp_path: Path, caplog):
+    import logging
+
+    from hf_transfer.data.audio import load_audio_splits
+    from hf_transfer.recipe import DataConfig
+
+    root = write_tone_folder(tmp_path / "tones", train=3, val=2)
+    rng = np.random.default_rng(1)
+    (root / "train" / "low" / "broken.wav").write_bytes(b"RIFF" + bytes(rng.integers(0, 255, 200, dtype=np.uint8)))
+    write_wav(root / "train" / "high" / "silent.wav", np.zeros(8000), 8000)
+    write_wav(root / "train" / "high" / "long.wav", tone(3000, 2.5, 16000, rng), 16000)
+    with caplog.at_level(logging.WARNING, logger="hf_transfer.data.audio"):
+        splits = load_audio_splits(DataConfig(path=str(root)), seed=0, sampling_rate=16000, window=1.0)
+    assert len(splits.train) == 3 + 3 + 1 and len(splits.validation) == 4
+    messages = [record.getMessage() for record in caplog.records]
+    skipped = next(m for m in messages if m.startswith("skipped"))
+    assert skipped.startswith("skipped 2 of 13 audio files that cannot be used: ")
+    assert "broken.wav (cannot be decoded)" in skipped and "silent.wav (silent)" in skipped
+    assert "audio resampled to the feature extractor's 16000 Hz: 10 at 8000 Hz" in messages
+    assert "1 audio file(s) longer than the model's 1 s window: only their first 1 s are used" in messages
+
+
+def test_a_class_left_with_only_unusable_audio_is_one_clear_error(tmp_path: Path):
+    from hf_transfer.data.audio import load_audio_splits
+    from hf_transfer.recipe import DataConfig
+
+    root = write_tone_folder(tmp_path / "tones", train=2, val=1)
+    for wav in (root / "train" / "low").glob("*.wav"):
+        write_wav(wav, np.zeros(4000), 8000)
+    with pytest.raises(HfTransferError, match=r"no files of class\(es\) \['low'\]; fix or replace those files"):
+        load_audio_splits(DataConfig(path=str(root)), seed=0, sampling_rate=16000, window=1.0)
+
+
+@pytest.mark.parametrize("strategy", [{"name": "partial", "trainable_blocks": 1}, {"name": "full"},
+                                      {"name": "lora", "lora": {"r": 2}}])
+def test_audio_strategies_train_what_they_say(strategy: dict, tiny_whisper_dir: Path, tones: Path, tmp_path: Path):
+    from hf_transfer.inference.predict import predict
+
+    recipe = audio_recipe(tiny_whisper_dir, tones, tmp_path / "run", strategy=strategy, training={"epochs": 2})
+    summary, model, before = train_audio(recipe)
+    after = model.state_dict()
+    changed = {k for k, v in before.items() if k in after and not torch.equal(after[k], v)}
+    if strategy["name"] == "lora":
+        assert changed and all("lora_" in k or "modules_to_save" in k for k in changed)
+    else:
+        top_layer = {k for k in changed if "encoder.layers.1." in k}
+        bottom = {k for k in changed if "encoder.conv1." in k or "encoder.layers.0." in k}
+        assert top_layer and (bool(bottom) == (strategy["name"] == "full"))
+    files = sorted(str(p) for p in (tones / "val").rglob("*.wav"))[:3]
+    assert len(list(predict(tmp_path / "run", files))) == 3  # the saved folder (LoRA folded in) reloads
+
+
+def test_frozen_audio_features_are_cached_and_the_head_fitted_by_the_solver(tiny_whisper_dir: Path, tones: Path,
+                                                                            tmp_path: Path):
+    recipe = audio_recipe(tiny_whisper_dir, tones, tmp_path / "run", head={"solver": "auto"},
+                          training={"cache_features": True, "epochs": 2})
+    summary, _, _ = train_audio(recipe)
+    assert summary["eval"]["accuracy"] == 1.0
+    assert any((tmp_path / "run" / "feature_cache").rglob("*.safetensors"))

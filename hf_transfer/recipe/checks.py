@@ -220,8 +220,8 @@ def validate_adaptation(recipe: Recipe) -> None:
         return  # no adaptation; with a target, method none is the source-only baseline on it
     if not adaptation.target_path:
         raise HfTransferError(f"adaptation.method {adaptation.method} needs adaptation.target_path (the target data).")
-    if recipe.task == "multimodal":
-        raise HfTransferError("Domain adaptation serves task text or image, not multimodal; set adaptation.method none.")
+    if recipe.task in ("multimodal", "audio"):
+        raise HfTransferError(f"Domain adaptation serves task text or image, not {recipe.task}; set adaptation.method none.")
     if recipe.strategy.name != "freeze_backbone":
         raise HfTransferError(
             "Domain adaptation trains a bottleneck and classifier on the frozen backbone's features; "
