@@ -21,6 +21,7 @@ from hf_transfer.export.layout import (
     ADAPTED,
     ADAPTER_CONFIG_FILE,
     AUDIO,
+    AUDIO_HEAD_FILE,
     CONFIG_FILE,
     DENSE_DIR,
     HEAD_INFO_FILE,
@@ -202,19 +203,18 @@ def load_audio_classifier(folder: Path, trust_remote_code: bool = False) -> Save
 
     from hf_transfer.sources.heads import build_head
     from hf_transfer.sources.speech import MeanPooledSpeech
-    from hf_transfer.tasks.audio import HEAD_WEIGHTS_FILE
 
     info = _read_json(folder / HEAD_INFO_FILE) if (folder / HEAD_INFO_FILE).is_file() else {}
     module_name, class_name = info.get("encoder_module", ""), info.get("encoder_class", "")
-    if not module_name.startswith("transformers.") or not (folder / HEAD_WEIGHTS_FILE).is_file():
+    if not module_name.startswith("transformers.") or not (folder / AUDIO_HEAD_FILE).is_file():
         raise HfTransferError(f"{folder} is not the output of an audio run (no {HEAD_INFO_FILE} naming a transformers "
-                              f"encoder, or no {HEAD_WEIGHTS_FILE}); did the run finish?")
+                              f"encoder, or no {AUDIO_HEAD_FILE}); did the run finish?")
     _refuse_remote_code(folder) if not trust_remote_code else None
     encoder = getattr(importlib.import_module(module_name), class_name).from_pretrained(folder, use_safetensors=True)
     label_names = [str(name) for name in info["label_names"]]
     hidden = int(getattr(encoder.config, "d_model", None) or encoder.config.hidden_size)
     model = MeanPooledSpeech(encoder, build_head(HeadConfig(**info["head"]), hidden, len(label_names)))
-    model.head.load_state_dict(load_file(str(folder / HEAD_WEIGHTS_FILE)))
+    model.head.load_state_dict(load_file(str(folder / AUDIO_HEAD_FILE)))
     extractor = AutoFeatureExtractor.from_pretrained(folder)
     recipe = run_recipe(folder) if (folder / RECIPE_FILE).is_file() else None
     return SavedModel(model.eval(), label_names, AUDIO, recipe, feature_extractor=extractor)

@@ -10,14 +10,11 @@ from typing import Any
 from hf_transfer.cache.head import FeatureSource
 from hf_transfer.cache.store import dataset_fingerprint
 from hf_transfer.data.audio import audio_loader, extractor_window, load_audio_splits, with_features
-from hf_transfer.export.layout import HEAD_INFO_FILE
+from hf_transfer.export.layout import AUDIO_HEAD_FILE, HEAD_INFO_FILE
 from hf_transfer.recipe import Recipe
 from hf_transfer.sources.speech import SpeechClassifier, load_feature_extractor, load_speech_model
 from hf_transfer.strategies import apply_strategy, merged_copy
 from hf_transfer.training.plan import Plan
-
-HEAD_WEIGHTS_FILE = "head.safetensors"
-
 
 def save_speech_model(trained: SpeechClassifier, extractor: Any, folder: Path, recipe: Recipe) -> None:
     """The encoder as transformers saves it (LoRA folded in; config.json carries the label names), the
@@ -34,7 +31,7 @@ def save_speech_model(trained: SpeechClassifier, extractor: Any, folder: Path, r
     encoder.config.label2id = {name: i for i, name in enumerate(trained.label_names)}
     encoder.save_pretrained(folder)
     extractor.save_pretrained(folder)
-    save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(folder / HEAD_WEIGHTS_FILE))
+    save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(folder / AUDIO_HEAD_FILE))
     info = {
         "format": 1, "task": "audio", "head": dataclasses.asdict(recipe.head), "pooling": "masked_mean",
         "source_model": dataclasses.asdict(recipe.model), "strategy": recipe.strategy.name,
