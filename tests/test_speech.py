@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -310,3 +311,13 @@ def test_frozen_audio_features_are_cached_and_the_head_fitted_by_the_solver(tiny
     summary, _, _ = train_audio(recipe)
     assert summary["eval"]["accuracy"] == 1.0
     assert any((tmp_path / "run" / "feature_cache").rglob("*.safetensors"))
+
+
+def test_predict_cli_labels_audio_files(trained_audio, tones: Path, capsys):
+    from hf_transfer.cli import main
+
+    _, _, _, output = trained_audio
+    clip = sorted((tones / "val" / "low").glob("*.wav"))[0]
+    main(["predict", str(output), str(clip), "--format", "json"])
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["input"] == str(clip) and line["labels"] == ["low"]
