@@ -127,6 +127,8 @@ def main() -> None:
     speech = SpeechStates(offline_speech_model_dir("openai/whisper-tiny.en"))
     transcripts = json.loads((output / "transcripts.json").read_text())
     sets = {name: read_rows(output / f"{name}.csv") for name in ("train", "held_out", "seen")}
+    # a sentence espeak-ng took for options (one starting with "--", before voice_sst2.py passed text on stdin) has no clip
+    sets["train"] = [r for r in sets["train"] if Path(r["path"]).is_file()]
 
     start = time.perf_counter()
     train = [speech.states(r["path"], speakable(r["text"])) for r in sets["train"]]

@@ -92,7 +92,11 @@ def voice(rows: list[tuple[str, int]], voices: list[str], folder: Path, prefix: 
         name, speed = rng.choice(voices), rng.choice(SPEEDS)
         path = folder / LABELS[label] / f"{prefix}_{index:04d}.wav"
         path.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["espeak-ng", "-v", name, "-s", str(speed), "-w", str(path), speakable(sentence)], check=True)
+        # the text goes on stdin: as an argument, a sentence starting with "--" is taken for an option
+        subprocess.run(["espeak-ng", "-v", name, "-s", str(speed), "-w", str(path), "--stdin"],
+                       input=speakable(sentence), text=True, check=True)
+        if not path.is_file():
+            raise RuntimeError(f"espeak-ng wrote no audio for {sentence!r}")
         manifest.append({"path": str(path), "text": sentence, "label": LABELS[label], "voice": name, "speed": speed})
     return manifest
 
