@@ -209,21 +209,13 @@ def accuracy(predicted: list[str], rows: list[dict]) -> float:
     return sum(p == r["label"] for p, r in zip(predicted, rows)) / len(rows)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=Path("/work/runs/spoken_sst2"))
-    parser.add_argument("--train", type=int, default=240, help="voiced SST-2 train sentences")
-    parser.add_argument("--dev", type=int, default=100, help="voiced SST-2 dev sentences (each by two voice groups)")
-    parser.add_argument("--text-train", type=int, default=4000, help="written SST-2 train sentences for the text model")
-    parser.add_argument("--beam-sample", type=int, default=30, help="dev utterances transcribed with beam 5 too")
-    parser.add_argument("--runtime-sample", type=int, default=50, help="dev utterances transcribed by CTranslate2 too")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    output = args.output
-    output.mkdir(parents=True, exist_ok=True)
-    results: dict = {"train_voices": TRAIN_VOICES, "held_out_voices": HELD_OUT_VOICES, "speeds": SPEEDS,
-                     "seed": args.seed, "train": args.train, "dev": args.dev}
+def read_manifest(path: Path) -> list[dict]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def speak_and_transcribe(output: Path, args: argparse.Namespace, results: dict) -> tuple[dict, dict]:
+    """Voice the data, transcribe the dev audio; the ASR figures go into results (and asr.json)."""
     start = time.perf_counter()
     sets = make_data(output, args.train, args.dev, args.text_train, args.seed)
     results["voicing_seconds"] = round(time.perf_counter() - start, 1)
@@ -259,9 +251,37 @@ def main() -> None:
             "identical_transcripts": same, "utterances": len(texts), "max_encoder_difference": difference,
         }
         print("ctranslate2", asr["held_out_ctranslate2_greedy"], flush=True)
-    results["asr"] = asr
     with (output / "transcripts.json").open("w") as handle:
         json.dump(transcripts, handle, indent=1)
+    results["asr"] = asr
+    (output / "asr.json").write_text(json.dumps({"voicing_seconds": results["voicing_seconds"], "asr": asr}, indent=2))
+    return sets, transcripts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, default=Path("/work/runs/spoken_sst2"))
+    parser.add_argument("--train", type=int, default=240, help="voiced SST-2 train sentences")
+    parser.add_argument("--dev", type=int, default=100, help="voiced SST-2 dev sentences (each by two voice groups)")
+    parser.add_argument("--text-train", type=int, default=4000, help="written SST-2 train sentences for the text model")
+    parser.add_argument("--beam-sample", type=int, default=30, help="dev utterances transcribed with beam 5 too")
+    parser.add_argument("--runtime-sample", type=int, default=50, help="dev utterances transcribed by CTranslate2 too")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reuse", action="store_true", help="keep the voiced data and ASR results already in --output")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    output = args.output
+    output.mkdir(parents=True, exist_ok=True)
+    results: dict = {"train_voices": TRAIN_VOICES, "held_out_voices": HELD_OUT_VOICES, "speeds": SPEEDS,
+                     "seed": args.seed, "train": args.train, "dev": args.dev}
+    if args.reuse:  # the voiced data, transcripts and ASR figures of an earlier run in --output
+        sets = {name: read_manifest(output / f"{name}.csv") for name in ("train", "held_out", "seen")}
+        transcripts = json.loads((output / "transcripts.json").read_text())
+        saved = json.loads((output / "asr.json").read_text())
+        results["voicing_seconds"], results["asr"] = saved["voicing_seconds"], saved["asr"]
+    else:
+        sets, transcripts = speak_and_transcribe(output, args, results)
+    asr = results["asr"]
 
     common = ["output.overwrite=true", "training.num_workers=0"]
     text_run = output / "runs" / "text_minilm"

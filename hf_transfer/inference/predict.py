@@ -37,6 +37,11 @@ def read_texts(inputs: list[str], text_column: str) -> list[str]:
     texts: list[str] = []
     for item in inputs:
         path = Path(item)
+        try:
+            path.exists()
+        except (OSError, ValueError):  # a long text (or one with a NUL) is no name the file system takes
+            texts.append(item)
+            continue
         if path.is_dir():
             raise HfTransferError(
                 f"{item} is a folder; a text model labels texts, .txt files (one text per line) and tables "
