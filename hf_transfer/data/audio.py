@@ -25,7 +25,12 @@ from datasets.packaged_modules.audiofolder.audiofolder import AudioFolder
 from torch.utils.data import DataLoader
 
 from hf_transfer.console import bar
-from hf_transfer.data.splits import FILE_BUILDERS, LabelledSplits, labelled_splits, load_raw
+from hf_transfer.data.splits import (
+    FILE_BUILDERS,
+    LabelledSplits,
+    labelled_splits,
+    load_raw,
+)
 from hf_transfer.errors import HfTransferError
 from hf_transfer.recipe import DataConfig
 
@@ -64,7 +69,7 @@ class AudioCheck:
     too_long: int = 0
 
 
-def _inspect(value: dict[str, Any], sampling_rate: int, window: float) -> tuple[str, int | None, float]:
+def _inspect(value: dict[str, Any]) -> tuple[str, int | None, float]:
     """(why the file cannot be used, or "", its sample rate, its duration in seconds)."""
     try:
         decoder = audio_decoder(value.get("bytes") or value["path"])
@@ -83,7 +88,7 @@ def check_audio(dataset: Dataset, column: str, sampling_rate: int, window: float
     keep = []
     values = dataset[column]
     for index, value in enumerate(bar(values, desc="checking audio", total=len(values), unit="file")):
-        reason, rate, seconds = _inspect(value, sampling_rate, window)
+        reason, rate, seconds = _inspect(value)
         if reason:
             check.skipped.append(f"{value.get('path') or f'row {index}'} ({reason})")
             continue

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import re
 import struct
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 import numpy as np

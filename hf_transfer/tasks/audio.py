@@ -9,12 +9,22 @@ from typing import Any
 
 from hf_transfer.cache.head import FeatureSource
 from hf_transfer.cache.store import dataset_fingerprint
-from hf_transfer.data.audio import audio_loader, extractor_window, load_audio_splits, with_features
+from hf_transfer.data.audio import (
+    audio_loader,
+    extractor_window,
+    load_audio_splits,
+    with_features,
+)
 from hf_transfer.export.layout import AUDIO_HEAD_FILE, HEAD_INFO_FILE
 from hf_transfer.recipe import Recipe
-from hf_transfer.sources.speech import SpeechClassifier, load_feature_extractor, load_speech_model
+from hf_transfer.sources.speech import (
+    SpeechClassifier,
+    load_feature_extractor,
+    load_speech_model,
+)
 from hf_transfer.strategies import apply_strategy, merged_copy
 from hf_transfer.training.plan import Plan
+
 
 def save_speech_model(trained: SpeechClassifier, extractor: Any, folder: Path, recipe: Recipe) -> None:
     """The encoder as transformers saves it (LoRA folded in; config.json carries the label names), the
