@@ -120,6 +120,11 @@ def test_offline_copy_builds_a_whole_transformers_folder_once(tiny_whisper, tmp_
     monkeypatch.setattr(packaged_speech, "convert_whisper", lambda *a: pytest.fail("converted twice"))
     assert offline_speech_model_dir("tiny.en") == folder
     assert set(OFFLINE_SPEECH_MODELS) >= {"openai/whisper-tiny.en", "whisper-tiny.en"}
+    from hf_transfer.sources import speech
+
+    monkeypatch.setattr(speech, "hub_is_offline", lambda: True)  # no Hub: the name resolves to the converted copy
+    assert speech.resolve_speech_source("openai/whisper-tiny.en") == str(folder)
+    assert speech.resolve_speech_source("openai/whisper-base") == "openai/whisper-base"  # no copy: the Hub's to answer
 
 
 # ---------------------------------------------------------------------------------------------
