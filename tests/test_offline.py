@@ -184,6 +184,8 @@ def test_unknown_names_return_none() -> None:
     # a text name is not a vision name and vice versa
     assert offline.offline_timm_state_dict("all-MiniLM-L6-v2") is None
     assert offline.offline_text_model_dir("tf_efficientnet_lite0") is None
+    assert offline.offline_speech_model_dir("all-MiniLM-L6-v2") is None
+    assert offline.offline_text_model_dir("openai/whisper-tiny.en") is None
 
 
 def test_offline_model_names_lists_every_copy() -> None:
@@ -191,7 +193,7 @@ def test_offline_model_names_lists_every_copy() -> None:
     for name in ("sentence-transformers/all-MiniLM-L6-v2", "sentence-transformers/all-mpnet-base-v2",
                  "sentence-transformers/paraphrase-MiniLM-L3-v2", "tf_efficientnet_lite0", "timm/tf_efficientnet_lite2.in1k"):
         assert name in names
-    assert set(names) == set(offline.OFFLINE_TEXT_MODELS) | set(offline.OFFLINE_VISION_MODELS)
+    assert set(names) == set(offline.OFFLINE_TEXT_MODELS) | set(offline.OFFLINE_VISION_MODELS) | set(offline.OFFLINE_SPEECH_MODELS)
     assert {copy.architecture for copy in offline.OFFLINE_VISION_MODELS.values()} == set(LITE_SIZES)
 
 

@@ -193,3 +193,10 @@ def test_a_saved_adapter_names_its_base_model_by_hub_id_not_by_a_local_path(tiny
                     base_id="sentence-transformers/all-MiniLM-L6-v2")
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_predict_reads_a_text_too_long_to_be_a_file_name_as_a_text():
+    from hf_transfer.inference.predict import read_texts
+
+    long_text = "the north of " * 40  # 520 characters: stat() on it fails with "File name too long"
+    assert read_texts([long_text, "short"], "text") == [long_text, "short"]

@@ -84,6 +84,10 @@ def _head_text(recipe: Recipe, classes: int, summary: dict[str, Any]) -> str:
     if recipe.task == "text":
         return f"the model's own sequence-classification head, newly initialised for {classes} classes"
     head = recipe.head
+    if recipe.task == "audio":
+        shape = "" if head.type == "linear" else f" (width {head.hidden_dim}, dropout {head.dropout})"
+        return (f"{head.type} head{shape} on the mean of the speech encoder's last hidden states over the frames that "
+                f"hold audio (not Whisper's 30 s padding), newly initialised for {classes} classes")
     if head.type == "linear":
         return f"linear classifier on the pooled features, {classes} classes"
     shape = f"width {head.hidden_dim}, dropout {head.dropout}"
@@ -125,6 +129,16 @@ def _usage(recipe: Recipe, reference: str, folder: Path, label_names: list[str],
             "# As a transformers pipeline, label names included (the adapter folded into the weights):\n"
             'classifier = pipeline("text-classification", model=model.merge_and_unload(), tokenizer=tokenizer)'
         )
+    if recipe.task == "audio":
+        return (
+            "# the pooling and head are hf_transfer's: load the classifier with hf_transfer\n"
+            "# shell: hf-transfer predict FOLDER clip.wav\n"
+            "from hf_transfer.inference.predict import predict\n\n"
+            f'for prediction in predict("{reference}", ["clip.wav"]):  # a local copy of this repository\n'
+            "    print(prediction.path, prediction.labels[0])\n\n"
+            "# the encoder alone (LoRA folded in) loads with transformers: its class is named in hf_transfer.json\n"
+            "# (WhisperEncoder for Whisper, AutoModel for wav2vec2 / HuBERT), the feature extractor with AutoFeatureExtractor"
+        )
     head_info = folder / HEAD_INFO_FILE
     custom = lora or (head_info.is_file() and json.loads(head_info.read_text()).get("head", {}).get("type") != "linear")
     if custom:
@@ -155,14 +169,15 @@ def local_dataset_type(recipe: Recipe) -> str:
     path = Path(recipe.data.path or "")
     files = [path] if path.is_file() else sorted(path.iterdir()) if path.is_dir() else []
     builders = {FILE_BUILDERS[p.suffix][0] for p in files if p.suffix in FILE_BUILDERS and not p.stem.startswith("metadata")}
-    return builders.pop() if len(builders) == 1 else ("imagefolder" if recipe.task != "text" else "local")
+    folder_builder = {"text": "local", "audio": "audiofolder"}.get(recipe.task, "imagefolder")
+    return builders.pop() if len(builders) == 1 else folder_builder
 
 
 def card_data(recipe: Recipe, summary: dict[str, Any], repo_id: str | None):
     """The card's YAML metadata, with the evaluation as model-index results."""
     from huggingface_hub import EvalResult, ModelCardData
 
-    pipeline_tag = "text-classification" if recipe.task == "text" else "image-classification"
+    pipeline_tag = {"text": "text-classification", "audio": "audio-classification"}.get(recipe.task, "image-classification")
     dataset = hub_id(recipe.data.path)
     dataset_name = dataset or Path(recipe.data.path or "data").name
     dataset_type = dataset or local_dataset_type(recipe)
@@ -181,6 +196,8 @@ def card_data(recipe: Recipe, summary: dict[str, Any], repo_id: str | None):
     ]
     if recipe.task == "text" and _mean_pooled(summary):
         library = "sentence-transformers"
+    elif recipe.task == "audio":
+        library = "transformers"  # the encoder; LoRA is folded in before saving
     else:
         library = "peft" if get_strategy(recipe.strategy).saves_adapter else ("transformers" if recipe.task == "text" else "timm")
     return ModelCardData(

@@ -18,7 +18,8 @@ CARD_FILE = "README.md"
 LR_FINDER_PNG = "lr_finder.png"  # training.lr auto: the learning-rate range test's curve
 CONFIG_FILE = "config.json"  # transformers' or timm's model config
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # a peft adapter
-HEAD_INFO_FILE = "hf_transfer.json"  # image runs: what timm's config.json cannot say (the head, the source)
+HEAD_INFO_FILE = "hf_transfer.json"  # image and audio runs: what the library's config.json cannot say (the head, the source)
+AUDIO_HEAD_FILE = "head.safetensors"  # audio runs: the head on the encoder's pooled states
 MULTIMODAL_FILE = "multimodal.json"
 FUSION_WEIGHTS_FILE = "fusion.safetensors"
 ADAPTATION_FILE = "adaptation.json"
@@ -40,7 +41,7 @@ ONNX_FILE = "model.onnx"
 
 # folder kinds: a model one library loads (text: transformers / peft, image: timm), or one that
 # hf_transfer's own loader rebuilds (two_tower, adapted, optimized)
-TEXT, IMAGE, TWO_TOWER, ADAPTED, OPTIMIZED = "text", "image", "two_tower", "adapted", "optimized"
+TEXT, IMAGE, TWO_TOWER, ADAPTED, OPTIMIZED, AUDIO = "text", "image", "two_tower", "adapted", "optimized", "audio"
 _MARKERS = {MULTIMODAL_FILE: TWO_TOWER, ADAPTATION_FILE: ADAPTED, OPTIMIZED_FILE: OPTIMIZED}
 
 
@@ -53,13 +54,13 @@ def _recipe_task(folder: Path) -> str | None:
 
 
 def folder_kind(folder: Path) -> str:
-    """TEXT, IMAGE, TWO_TOWER, ADAPTED or OPTIMIZED; a folder that is none of them reads as IMAGE, whose loader says why."""
+    """TEXT, IMAGE, AUDIO, TWO_TOWER, ADAPTED or OPTIMIZED; a folder that is none of them reads as IMAGE, whose loader says why."""
     for marker, kind in _MARKERS.items():
         if (folder / marker).is_file():
             return kind
     task = _recipe_task(folder) if (folder / RECIPE_FILE).is_file() else None
     if task is not None:  # an unreadable recipe.yaml: the model's own config tells, and the loader says what is wrong
-        return TEXT if task == "text" else IMAGE
+        return {"text": TEXT, "audio": AUDIO}.get(task, IMAGE)
     config = folder / CONFIG_FILE
     try:
         is_transformers = config.is_file() and "model_type" in json.loads(config.read_text())

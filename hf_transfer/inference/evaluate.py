@@ -20,7 +20,7 @@ from datasets import Dataset, DatasetDict
 from hf_transfer.data.splits import VALIDATION_ALIASES, encode_split
 from hf_transfer.errors import HfTransferError
 from hf_transfer.export.folder import staged, write_json
-from hf_transfer.export.layout import EVALUATIONS_DIR, IMAGE, TEXT
+from hf_transfer.export.layout import AUDIO, EVALUATIONS_DIR, IMAGE, TEXT
 from hf_transfer.inference.loader import SavedModel, load_saved_run, run_recipe
 from hf_transfer.recipe import Recipe, merge_values, parse_overrides, recipe_from_dict
 from hf_transfer.training.metrics import evaluate
@@ -87,8 +87,31 @@ def _image_loader(saved: SavedModel, recipe: Recipe, split: str | None, batch_si
     return loader, split
 
 
+def _audio_loader(saved: SavedModel, recipe: Recipe, split: str | None, batch_size: int):
+    from hf_transfer.data.audio import (
+        AudioCheck,
+        audio_loader,
+        extractor_window,
+        load_raw_audio,
+        log_audio_check,
+        readable_audio,
+        with_features,
+    )
+
+    config, extractor = recipe.data, saved.feature_extractor
+    raw, base_dir = load_raw_audio(config)
+    split, dataset = pick_split(raw, split)
+    dataset = encode_split(dataset, split, config, [config.audio_column], saved.label_names)
+    check, rate, window = AudioCheck(), extractor.sampling_rate, extractor_window(extractor)
+    dataset = readable_audio(dataset, config.audio_column, base_dir, rate, window, check)
+    log_audio_check(check, rate, window)
+    if len(dataset) == 0:
+        raise HfTransferError(f"No audio file of the {split} split can be used (see the warnings above).")
+    return audio_loader(with_features(dataset, extractor, config.audio_column), batch_size, False, 0, 0), split
+
+
 # the saved model's kind -> the loader of labelled data for it, read the way its recipe reads data
-DATA_LOADERS = {TEXT: _text_loader, IMAGE: _image_loader}
+DATA_LOADERS = {TEXT: _text_loader, IMAGE: _image_loader, AUDIO: _audio_loader}
 
 
 def _result_name(name: str | None, data: str, split: str) -> str:

@@ -20,6 +20,8 @@ from hf_transfer.errors import HfTransferError
 from hf_transfer.export.layout import (
     ADAPTED,
     ADAPTER_CONFIG_FILE,
+    AUDIO,
+    AUDIO_HEAD_FILE,
     CONFIG_FILE,
     DENSE_DIR,
     HEAD_INFO_FILE,
@@ -188,6 +190,37 @@ def load_image_classifier(folder: Path, trust_remote_code: bool = False) -> Save
 
 
 # ---------------------------------------------------------------------------------------------
+# Audio: a transformers speech encoder, masked mean pooling, the head (task audio)
+
+
+def load_audio_classifier(folder: Path, trust_remote_code: bool = False) -> SavedModel:
+    """The encoder as transformers saved it (its own class, named in hf_transfer.json), the head's
+    weights, and the feature extractor saved beside them."""
+    import importlib
+
+    from safetensors.torch import load_file
+    from transformers import AutoFeatureExtractor
+
+    from hf_transfer.sources.heads import build_head
+    from hf_transfer.sources.speech import MeanPooledSpeech
+
+    info = _read_json(folder / HEAD_INFO_FILE) if (folder / HEAD_INFO_FILE).is_file() else {}
+    module_name, class_name = info.get("encoder_module", ""), info.get("encoder_class", "")
+    if not module_name.startswith("transformers.") or not (folder / AUDIO_HEAD_FILE).is_file():
+        raise HfTransferError(f"{folder} is not the output of an audio run (no {HEAD_INFO_FILE} naming a transformers "
+                              f"encoder, or no {AUDIO_HEAD_FILE}); did the run finish?")
+    _refuse_remote_code(folder) if not trust_remote_code else None
+    encoder = getattr(importlib.import_module(module_name), class_name).from_pretrained(folder, use_safetensors=True)
+    label_names = [str(name) for name in info["label_names"]]
+    hidden = int(getattr(encoder.config, "d_model", None) or encoder.config.hidden_size)
+    model = MeanPooledSpeech(encoder, build_head(HeadConfig(**info["head"]), hidden, len(label_names)))
+    model.head.load_state_dict(load_file(str(folder / AUDIO_HEAD_FILE)))
+    extractor = AutoFeatureExtractor.from_pretrained(folder)
+    recipe = run_recipe(folder) if (folder / RECIPE_FILE).is_file() else None
+    return SavedModel(model.eval(), label_names, AUDIO, recipe, feature_extractor=extractor)
+
+
+# ---------------------------------------------------------------------------------------------
 # The registry
 
 
@@ -201,6 +234,7 @@ def _python_only(what: str) -> Callable[..., SavedModel]:
 LOADERS: dict[str, Callable[..., SavedModel]] = {
     TEXT: load_text_classifier,
     IMAGE: load_image_classifier,
+    AUDIO: load_audio_classifier,
     # two towers and adapted heads are not one library's classifier: they load in Python instead
     TWO_TOWER: _python_only("a two-tower model; load it with hf_transfer.multimodal.load_two_tower(folder)"),
     ADAPTED: _python_only("a domain-adapted model; load it with hf_transfer.adapted_model.load_adapted_model(folder)"),

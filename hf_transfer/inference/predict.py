@@ -1,7 +1,7 @@
 """Labelling inputs with a saved model: `hf-transfer predict OUTPUT_DIR INPUT ...`.
 
-Inputs are images (files and folders) for an image model and texts (on the command line, .txt
-files, or the text column of tables) for a text model. Preprocessing is the saved model's own: its
+Inputs are images (files and folders) for an image model, audio files (files and folders) for an
+audio model, and texts (on the command line, .txt files, or the text column of tables) for a text model. Preprocessing is the saved model's own: its
 tokenizer with the run's max_length, or the eval transform of its timm data config.
 """
 
@@ -18,7 +18,7 @@ import torch
 
 from hf_transfer.console import bar
 from hf_transfer.errors import HfTransferError
-from hf_transfer.export.layout import TEXT
+from hf_transfer.export.layout import AUDIO, TEXT
 from hf_transfer.inference.loader import SavedModel, load_saved_run
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,11 @@ def read_texts(inputs: list[str], text_column: str) -> list[str]:
     texts: list[str] = []
     for item in inputs:
         path = Path(item)
+        try:
+            path.exists()
+        except (OSError, ValueError):  # a long text (or one with a NUL) is no name the file system takes
+            texts.append(item)
+            continue
         if path.is_dir():
             raise HfTransferError(
                 f"{item} is a folder; a text model labels texts, .txt files (one text per line) and tables "
@@ -63,20 +68,22 @@ def read_texts(inputs: list[str], text_column: str) -> list[str]:
     return texts
 
 
-def find_images(inputs: list[str]) -> list[Path]:
-    """Image files named directly, and those inside named folders (recursively, sorted)."""
-    from hf_transfer.data.images import IMAGE_EXTENSIONS
+def find_images(inputs: list[str], extensions: frozenset[str] | None = None, what: str = "images") -> list[Path]:
+    """Files named directly, and those inside named folders with one of `extensions` (images by
+    default; recursively, sorted)."""
+    if extensions is None:
+        from hf_transfer.data.images import IMAGE_EXTENSIONS as extensions
 
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found.extend(sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS))
+            found.extend(sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in extensions))
         elif item.is_file():
             found.append(item)
         else:
             raise HfTransferError(f"{item} does not exist.")
     if not found:
-        raise HfTransferError(f"No images found in {', '.join(inputs)}.")
+        raise HfTransferError(f"No {what} found in {', '.join(inputs)}.")
     return found
 
 
@@ -136,6 +143,30 @@ def _predict_images(saved: SavedModel, inputs: list[str], k: int, batch_size: in
         raise HfTransferError(f"None of the {len(images)} image(s) given could be decoded (see the warnings above).")
 
 
+def _predict_audio(saved: SavedModel, inputs: list[str], k: int, batch_size: int, _text_column: str | None):
+    from hf_transfer.data.audio import AUDIO_EXTENSIONS, decode_mono, featurize
+
+    extractor = saved.feature_extractor
+    files, decoded = find_images(inputs, AUDIO_EXTENSIONS, "audio files"), 0
+    for start in bar(range(0, len(files), batch_size), desc="predicting", unit="batch"):
+        paths, waves = [], []
+        for path in files[start:start + batch_size]:
+            try:
+                waves.append(decode_mono(path, extractor.sampling_rate))
+                paths.append(str(path))
+            except Exception as error:  # any decode failure: say which file, go on
+                logger.warning("skipped %s: cannot decode it (%s)", path, type(error).__name__)
+        if waves:
+            decoded += len(waves)
+            yield from _top_k(saved, paths, featurize(extractor, waves), k)
+    if not decoded:
+        raise HfTransferError(f"None of the {len(files)} audio file(s) given could be decoded (see the warnings above).")
+
+
+# the saved model's kind -> how its inputs are read and labelled
+PREDICTORS = {TEXT: _predict_texts, AUDIO: _predict_audio}
+
+
 @torch.no_grad()
 def predict(
     folder: str | Path, inputs: list[str], top_k: int = 1, batch_size: int = 32, text_column: str | None = None,
@@ -144,7 +175,7 @@ def predict(
     """Top-k labels and probabilities of each input (unreadable images are logged and skipped)."""
     saved = load_saved_run(folder, trust_remote_code=trust_remote_code)
     k = max(1, min(top_k, len(saved.label_names)))
-    predict_kind = _predict_texts if saved.kind == TEXT else _predict_images
+    predict_kind = PREDICTORS.get(saved.kind, _predict_images)
     yield from predict_kind(saved, inputs, k, batch_size, text_column)
 
 

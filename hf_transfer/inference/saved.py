@@ -31,6 +31,7 @@ class SavedModel:
     recipe: Recipe | None  # None for a folder another tool exported (a stock timm folder)
     tokenizer: Any = None  # text models
     transform: Callable | None = None  # image models: the model's own eval preprocessing
+    feature_extractor: Any = None  # audio models: the source's feature extractor, as saved with the model
 
 
 def run_recipe(folder: Path) -> Recipe:

@@ -222,8 +222,8 @@ def validate_adaptation(recipe: Recipe) -> None:
         return  # no adaptation; with a target, method none is the source-only baseline on it
     if not adaptation.target_path:
         raise HfTransferError(f"adaptation.method {adaptation.method} needs adaptation.target_path (the target data).")
-    if recipe.task == "multimodal":
-        raise HfTransferError("Domain adaptation serves task text or image, not multimodal; set adaptation.method none.")
+    if recipe.task in ("multimodal", "audio"):
+        raise HfTransferError(f"Domain adaptation serves task text or image, not {recipe.task}; set adaptation.method none.")
     if recipe.strategy.name == "auto":
         raise HfTransferError("Domain adaptation needs one strategy (strategy auto would choose it on the source alone); "
                               "set strategy.name freeze_backbone, or partial, full or lora to adapt the backbone too.")

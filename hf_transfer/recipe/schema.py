@@ -78,6 +78,7 @@ class DataConfig:
     text_column: str = _f("text", "Column holding the text (text tasks).")
     text_pair_column: str | None = _f(None, "Optional second text column (sentence-pair tasks).")
     image_column: str = _f("image", "Column holding the image (image tasks): image files, or paths in a CSV.")
+    audio_column: str = _f("audio", "Column holding the audio (audio tasks): sound files, or paths in a CSV.")
     image_size: int | None = _f(None, "Image tasks: square input size in pixels; null takes the source model's own.", at_least=1)
     augment: AugmentConfig = field(default_factory=AugmentConfig, metadata={"help": "Image tasks: training augmentation."})
     verify_images: bool = _f(True, "Image tasks: decode every image once before training; skip (and list) unreadable ones.")
@@ -346,8 +347,9 @@ class OutputConfig:
 class Recipe:
     name: str = _f("recipe", "Name of the recipe (the file stem when loaded from a file).")
     description: str = _f("", "One line saying what the recipe does.")
-    task: Literal["text", "image", "multimodal"] = _f(
-        "text", "Modality of the inputs; multimodal: an image column and a text column (see multimodal)."
+    task: Literal["text", "image", "multimodal", "audio"] = _f(
+        "text", "Modality of the inputs; multimodal: an image column and a text column (see multimodal); audio: "
+        "sound files (class folders or a table of paths) for a speech encoder (Whisper, wav2vec2, HuBERT)."
     )
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Source model."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Data set and preprocessing."})

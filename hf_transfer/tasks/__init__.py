@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from hf_transfer.errors import HfTransferError
 from hf_transfer.recipe import Recipe
+from hf_transfer.tasks.audio import build_audio_task
 from hf_transfer.tasks.image import build_image_task
 from hf_transfer.tasks.multimodal import build_multimodal_task
 from hf_transfer.tasks.text import build_text_task
@@ -20,6 +21,7 @@ TASKS: dict[str, Callable[[Recipe], Plan]] = {
     "text": build_text_task,
     "image": build_image_task,
     "multimodal": build_multimodal_task,
+    "audio": build_audio_task,
 }
 
 
