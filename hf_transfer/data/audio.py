@@ -28,6 +28,7 @@ from hf_transfer.console import bar
 from hf_transfer.data.splits import (
     FILE_BUILDERS,
     LabelledSplits,
+    column_values,
     labelled_splits,
     load_raw,
 )
@@ -158,7 +159,7 @@ def load_audio_splits(config: DataConfig, seed: int, sampling_rate: int, window:
     train, validation = (readable_audio(s, config.audio_column, base_dir, sampling_rate, window, check)
                          for s in (splits.train, splits.validation))
     log_audio_check(check, sampling_rate, window)
-    present = set(train["label"])
+    present = set(column_values(train, "label"))
     missing = [name for i, name in enumerate(splits.label_names) if i not in present]
     if missing:
         raise HfTransferError(f"After skipping unusable audio the training data has no files of class(es) {missing}; "

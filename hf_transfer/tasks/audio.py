@@ -15,6 +15,7 @@ from hf_transfer.data.audio import (
     load_audio_splits,
     with_features,
 )
+from hf_transfer.data.splits import column_values
 from hf_transfer.export.layout import AUDIO_HEAD_FILE, HEAD_INFO_FILE
 from hf_transfer.recipe import Recipe
 from hf_transfer.sources.speech import (
@@ -75,7 +76,7 @@ def build_audio_task(recipe: Recipe) -> Plan:
         train_loader_for=train_loader,
         eval_loader=audio_loader(eval_set, training.eval_batch_size, False, workers, seed),
         label_names=splits.label_names,
-        train_labels=list(splits.train["label"]),
+        train_labels=column_values(splits.train, "label"),
         save=lambda folder: save_speech_model(model, extractor, folder, recipe),
         callbacks=callbacks,
         summary=lambda _accelerator: {"audio_pooling": "masked_mean"},
