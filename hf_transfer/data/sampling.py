@@ -18,6 +18,8 @@ from itertools import chain
 import torch
 from torch.utils.data import Sampler
 
+from hf_transfer.recipe import LENGTH_WINDOW
+
 
 class LengthGroupedBatchSampler(Sampler[list[int]]):
     """Batches of indices of similar length; every index exactly once per epoch.
@@ -29,7 +31,8 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     The epoch advances by itself after each full pass; `set_epoch` (Accelerate calls it) pins it.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool, seed: int = 0, window: int = 4):
+    def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool, seed: int = 0,
+                 window: int = LENGTH_WINDOW):
         if batch_size < 1 or window < 1:
             raise ValueError("batch_size and window must be >= 1")
         self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)

@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from hf_transfer.data.sampling import LengthGroupedBatchSampler, PadToMultipleCollator
 from hf_transfer.data.splits import LabelledSplits, column_values, labelled_splits, load_raw
-from hf_transfer.recipe import DataConfig
+from hf_transfer.recipe import LENGTH_WINDOW, DataConfig
 
 
 def load_text_splits(config: DataConfig, seed: int) -> LabelledSplits:
@@ -58,7 +58,7 @@ def text_loader(
     seed: int,
     group_by_length: bool = True,
     pad_to_multiple_of: int | None = None,
-    length_window: int = 4,
+    length_window: int = LENGTH_WINDOW,
 ) -> DataLoader:
     """Batches padded to their own longest text (rounded up to `pad_to_multiple_of`).
 

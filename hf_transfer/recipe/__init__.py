@@ -10,6 +10,7 @@ from hf_transfer.recipe.files import (
     parse_overrides,
 )
 from hf_transfer.recipe.schema import (
+    LENGTH_WINDOW,
     AdaptationConfig,
     AugmentConfig,
     DataConfig,
@@ -26,7 +27,7 @@ from hf_transfer.recipe.schema import (
 )
 
 __all__ = [
-    "AdaptationConfig", "AugmentConfig", "DataConfig", "HeadConfig", "LoraConfig", "ModelConfig",
+    "LENGTH_WINDOW", "AdaptationConfig", "AugmentConfig", "DataConfig", "HeadConfig", "LoraConfig", "ModelConfig",
     "MultimodalConfig", "OutputConfig", "PACKAGE_RECIPES_DIR", "RankConfig", "Recipe", "StrategyConfig",
     "TrainingConfig", "available_recipes", "check_repo_id", "find_recipe", "load_recipe", "merge_values", "parse_overrides",
     "recipe_from_dict", "unknown_key_error", "validate",
