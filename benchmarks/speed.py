@@ -230,13 +230,17 @@ def _inference_result(labels: list[str], seconds: float) -> dict:
             **peak_memory()}
 
 
-def side_predict_text(args: argparse.Namespace) -> dict:
-    """`hf-transfer predict RUN dev.tsv` through its Python entry point (model loading included)."""
+# what the inference comparisons label: SST-2's dev sentences, hymenoptera's validation images
+INFERENCE_INPUTS = {"text": ("sst2", "dev.tsv"), "images": ("hymenoptera", "val")}
+
+
+def side_predict(args: argparse.Namespace) -> dict:
+    """`hf-transfer predict RUN INPUTS` through its Python entry point (model loading included)."""
     from hf_transfer.inference.predict import predict
 
+    inputs = str(Path(args.data_root).joinpath(*INFERENCE_INPUTS[args.inputs]))
     started = time.perf_counter()
-    labels = [p.labels[0] for p in predict(args.run_dir, [str(Path(args.data_root) / "sst2" / "dev.tsv")],
-                                           batch_size=args.batch_size)]
+    labels = [p.labels[0] for p in predict(args.run_dir, [inputs], batch_size=args.batch_size)]
     return _inference_result(labels, time.perf_counter() - started)
 
 
@@ -246,24 +250,11 @@ def side_pipeline_text(args: argparse.Namespace) -> dict:
 
     from transformers import pipeline
 
-    with open(Path(args.data_root) / "sst2" / "dev.tsv", newline="") as table:
+    with open(Path(args.data_root).joinpath(*INFERENCE_INPUTS["text"]), newline="") as table:
         sentences = [row["sentence"] for row in csv.DictReader(table, delimiter="\t", quoting=csv.QUOTE_NONE)]
     started = time.perf_counter()
     classifier = pipeline("text-classification", model=args.run_dir, device="cpu", truncation=True, max_length=128)
     labels = [r["label"] for r in classifier(sentences, batch_size=args.batch_size)]
-    return _inference_result(labels, time.perf_counter() - started)
-
-
-def _validation_images(args: argparse.Namespace) -> list[Path]:
-    return sorted(p for p in (Path(args.data_root) / "hymenoptera" / "val").rglob("*.jpg"))
-
-
-def side_predict_images(args: argparse.Namespace) -> dict:
-    from hf_transfer.inference.predict import predict
-
-    started = time.perf_counter()
-    labels = [p.labels[0] for p in predict(args.run_dir, [str(Path(args.data_root) / "hymenoptera" / "val")],
-                                           batch_size=args.batch_size)]
     return _inference_result(labels, time.perf_counter() - started)
 
 
@@ -277,7 +268,7 @@ def side_timm_images(args: argparse.Namespace) -> dict:
     model = timm.create_model(f"local-dir:{args.run_dir}", pretrained=True).eval()
     transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
     names = json.loads((Path(args.run_dir) / "config.json").read_text())["label_names"]
-    files, labels = _validation_images(args), []
+    files, labels = sorted(Path(args.data_root).joinpath(*INFERENCE_INPUTS["images"]).rglob("*.jpg")), []
     with torch.inference_mode():
         for first in range(0, len(files), args.batch_size):
             pixels = torch.stack([transform(Image.open(f).convert("RGB")) for f in files[first:first + args.batch_size]])
@@ -372,9 +363,8 @@ SIDES = {
     "trainer_text": side_trainer_text,
     "feature_cache": side_feature_cache,
     "resnet_images": side_resnet_images,
-    "predict_text": side_predict_text,
+    "predict": side_predict,
     "pipeline_text": side_pipeline_text,
-    "predict_images": side_predict_images,
     "timm_images": side_timm_images,
 }
 
@@ -422,9 +412,9 @@ def comparisons(name: str, options: argparse.Namespace) -> list[tuple[str, str, 
         common = ["--run-dir", options.run_dir, "--batch-size", str(options.batch_size)]
         if name == "inference-text":
             return [("transformers pipeline('text-classification')", "pipeline_text", common),
-                    ("hf-transfer predict", "predict_text", common)]
+                    ("hf-transfer predict", "predict", common + ["--inputs", "text"])]
         return [("timm: create_model(local-dir:), its eval transform, PIL", "timm_images", common),
-                ("hf-transfer predict", "predict_images", common)]
+                ("hf-transfer predict", "predict", common + ["--inputs", "images"])]
     if name == "gpu-images":
         steps = ["--steps", str(options.steps or 30), "--warmup-steps", "5", "--batch-size", "256"]
         return [(label, "resnet_images", ["--pipeline", pipeline] + steps) for label, pipeline in (
@@ -553,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-length-groups", action="store_true", help="hf_transfer side with random batches")
     parser.add_argument("--pipeline", default="ready")
     parser.add_argument("--run-dir", help="inference comparisons: the output folder of a finished run")
+    parser.add_argument("--inputs", choices=sorted(INFERENCE_INPUTS), default="text", help="predict side: what it labels")
     parser.add_argument("--warmup-steps", type=int, default=5)
     options = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
