@@ -1,8 +1,9 @@
 """Labelling inputs with a saved model: `hf-transfer predict OUTPUT_DIR INPUT ...`.
 
 Inputs are images (files and folders) for an image model, audio files (files and folders) for an
-audio model, and texts (on the command line, .txt files, or the text column of tables) for a text model. Preprocessing is the saved model's own: its
-tokenizer with the run's max_length, or the eval transform of its timm data config.
+audio model, and texts (on the command line, .txt files, or the text column of tables) for a text
+model. Preprocessing is the saved model's own: its tokenizer with the run's max_length, the eval
+transform of its timm data config, or its audio feature extractor.
 """
 
 from __future__ import annotations
