@@ -204,7 +204,7 @@ def load_audio_classifier(folder: Path, trust_remote_code: bool = False) -> Save
     from hf_transfer.sources.heads import build_head
     from hf_transfer.sources.speech import MeanPooledSpeech
 
-    info = _read_json(folder / HEAD_INFO_FILE) if (folder / HEAD_INFO_FILE).is_file() else {}
+    info = read_json(folder / HEAD_INFO_FILE) if (folder / HEAD_INFO_FILE).is_file() else {}
     module_name, class_name = info.get("encoder_module", ""), info.get("encoder_class", "")
     if not module_name.startswith("transformers.") or not (folder / AUDIO_HEAD_FILE).is_file():
         raise HfTransferError(f"{folder} is not the output of an audio run (no {HEAD_INFO_FILE} naming a transformers "
