@@ -10,7 +10,7 @@ from conftest import keyword_sentences, write_jsonl
 from safetensors.torch import load_file
 from test_domain import domain_recipe, target_sentences
 
-from hf_transfer.adaptation.backbone import DISCRIMINATOR, HeadInput, TargetBatches, backbone_view
+from hf_transfer.adaptation.backbone import DISCRIMINATOR, HeadInput, backbone_view
 from hf_transfer.adaptation.objective import DomainObjective
 from hf_transfer.errors import HfTransferError
 from hf_transfer.recipe import recipe_from_dict

@@ -34,14 +34,14 @@ from hf_transfer.adaptation.features import (
 )
 from hf_transfer.adaptation.head import AdaptedHeadModel
 from hf_transfer.adaptation.losses import DomainBatch
-from hf_transfer.adaptation.objective import DomainObjective, domain_loss_weight
+from hf_transfer.adaptation.objective import DomainObjective
 from hf_transfer.adaptation.model import save_adapted_model
 from hf_transfer.cache.head import CachedFeatures, cached_loader
 from hf_transfer.console import say
-from hf_transfer.recipe import AdaptationConfig, Recipe
+from hf_transfer.recipe import Recipe
 from hf_transfer.strategies import get_strategy
 from hf_transfer.training.metrics import evaluate
-from hf_transfer.training.plan import Callback, Plan
+from hf_transfer.training.plan import Plan
 
 __all__ = ["DomainFeatures", "DomainObjective", "SourceWithTarget", "adaptation_plan", "build_adaptation_plan"]
 

@@ -33,7 +33,7 @@ BUDGET_RULE = (
     "the frozen rung always runs. A later rung is skipped when the seconds spent so far plus its estimate exceed "
     "training.time_budget; the estimate is training.epochs x the seconds per epoch of the last fine-tuning rung "
     "(its whole time, task build included, over the epochs it ran), or, before any, the frozen rung's seconds (a "
-    f"fine-tuning rung builds its task too, and with strategy.head_first fits its head first: an over-estimate "
+    "fine-tuning rung builds its task too, and with strategy.head_first fits its head first: an over-estimate "
     "without it) + training.epochs x {FORWARD_PASSES_PER_EPOCH} "
     "x the seconds of the frozen rung's pass over the data (forward and backward: about three forward passes); "
     "no estimate when the frozen features came from the cache (the rung starts). A running rung stops after an "
