@@ -35,9 +35,9 @@ class ModelConfig:
 
 # Batches per length-sorted window (data.length_window). Padding, as a multiple of the real tokens
 # (batch 32): SST-2 1.55 at 4, 1.14 at 16, 1.07 at 50; Amazon reviews 1.23, 1.08, 1.02. Fine-tuning
-# accuracy at 4 and at 50 agreed within the seed spread on SST-2 and Amazon (two seeds), but one
-# earlier run with the whole epoch in one window lost 3 points; 16 pads like the Trainer's own
-# grouping and keeps batches less uniform (benchmarks/BENCHMARKS.md, "Length windows").
+# accuracy at 4 and at 50 agreed within one standard error (SST-2, two seeds; Amazon electronics),
+# but an earlier run with the whole epoch in one window lost 3 points: 16 pads like the Trainer's
+# own grouping and keeps batches less uniform (benchmarks/BENCHMARKS.md, issue 14).
 LENGTH_WINDOW = 16
 
 
