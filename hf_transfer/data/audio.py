@@ -28,9 +28,9 @@ from hf_transfer.console import bar
 from hf_transfer.data.splits import (
     FILE_BUILDERS,
     LabelledSplits,
-    column_values,
     labelled_splits,
     load_raw,
+    require_every_class,
 )
 from hf_transfer.errors import HfTransferError
 from hf_transfer.recipe import DataConfig
@@ -159,11 +159,7 @@ def load_audio_splits(config: DataConfig, seed: int, sampling_rate: int, window:
     train, validation = (readable_audio(s, config.audio_column, base_dir, sampling_rate, window, check)
                          for s in (splits.train, splits.validation))
     log_audio_check(check, sampling_rate, window)
-    present = set(column_values(train, "label"))
-    missing = [name for i, name in enumerate(splits.label_names) if i not in present]
-    if missing:
-        raise HfTransferError(f"After skipping unusable audio the training data has no files of class(es) {missing}; "
-                              "fix or replace those files.")
+    require_every_class(train, splits.label_names, "unusable audio", "files")
     if len(validation) == 0:
         raise HfTransferError("No validation audio file can be used (all unreadable or silent); fix the validation files.")
     return LabelledSplits(train=train, validation=validation, label_names=splits.label_names)

@@ -34,9 +34,9 @@ from hf_transfer.console import bar
 from hf_transfer.data.splits import (
     FILE_BUILDERS,
     LabelledSplits,
-    column_values,
     labelled_splits,
     load_raw,
+    require_every_class,
 )
 from hf_transfer.errors import HfTransferError
 from hf_transfer.recipe import AugmentConfig, DataConfig
@@ -262,16 +262,6 @@ def log_image_check(check: ImageCheck) -> None:
         )
 
 
-def _require_every_class(dataset: Dataset, label_names: list[str]) -> None:
-    present = set(column_values(dataset, "label"))
-    missing = [name for i, name in enumerate(label_names) if i not in present]
-    if missing:
-        raise HfTransferError(
-            f"After skipping unreadable images the training data has no images of class(es) {missing}; "
-            "fix or replace those files."
-        )
-
-
 # ---------------------------------------------------------------------------------------------
 # Splits, transforms and loaders
 
@@ -296,7 +286,7 @@ def load_image_splits(config: DataConfig, seed: int, workers: int | None = None)
     validation = readable_images(splits.validation, config, base_dir, workers, check)
     if config.verify_images:
         log_image_check(check)
-        _require_every_class(train, splits.label_names)
+        require_every_class(train, splits.label_names, "unreadable images", "images")
         if len(validation) == 0:
             raise HfTransferError("No validation image can be decoded; fix the validation files.")
     return LabelledSplits(train=train, validation=validation, label_names=splits.label_names), check

@@ -49,6 +49,17 @@ def column_values(dataset: Dataset, column: str) -> list:
     return dataset[column][:]
 
 
+def require_every_class(train: Dataset, label_names: list[str], skipped: str, items: str) -> None:
+    """After unusable files were skipped (`skipped`: what they were), every class must keep some `items`."""
+    present = set(column_values(train, "label"))
+    missing = [name for i, name in enumerate(label_names) if i not in present]
+    if missing:
+        raise HfTransferError(
+            f"After skipping {skipped} the training data has no {items} of class(es) {missing}; "
+            "fix or replace those files."
+        )
+
+
 def _canonical(split: str) -> str:
     return "validation" if split in VALIDATION_ALIASES else split
 
