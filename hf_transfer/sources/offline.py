@@ -20,7 +20,8 @@ import functools
 import os
 import socket
 from pathlib import Path
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 from urllib.parse import urlparse
 
 import torch
@@ -166,6 +167,25 @@ def offline_speech_model_dir(name: str) -> Path | None:
     """The transformers folder converted from the packaged copy of ``name`` (built on the first call), or None."""
     copy = OFFLINE_SPEECH_MODELS.get(name)
     return copy.model_dir(name) if copy is not None else None
+
+
+def load_pretrained(loader: Callable[..., Any], name: str, config: Any, resolve: Callable[[str], str],
+                    offline_dir: Callable[[str], Path | None], kind: str, **kwargs: Any) -> Any:
+    """`loader` (a transformers `from_pretrained`) on `resolve(name)`, with the recipe's revision and
+    trust_remote_code; when that fails with OSError (no network, no such repository), on the packaged
+    copy `offline_dir(name)` if there is one; else one clear error naming the `kind` of model."""
+    source = resolve(name)
+    common = dict(revision=config.revision, trust_remote_code=config.trust_remote_code)
+    try:
+        return loader(source, **common, **kwargs)
+    except OSError as error:
+        copy_dir = offline_dir(name)
+        if copy_dir is not None and source != str(copy_dir):
+            return loader(str(copy_dir), **common, **kwargs)
+        raise HfTransferError(
+            f"Cannot load {kind} model '{name}': {error.__class__.__name__}: {str(error).splitlines()[0]}. "
+            f"Give a Hub id, a local model folder, or one of the offline copies: {', '.join(offline_model_names())}."
+        ) from None
 
 
 def offline_timm_state_dict(name: str) -> dict[str, torch.Tensor] | None:

@@ -24,7 +24,7 @@ from hf_transfer.sources.base import TransferModel, blocks_from_layers
 from hf_transfer.sources.heads import build_head
 from hf_transfer.sources.offline import (
     hub_is_offline,
-    offline_model_names,
+    load_pretrained,
     offline_speech_model_dir,
     packaged_source,
 )
@@ -45,18 +45,8 @@ def resolve_speech_source(name: str) -> str:
 
 
 def _from_pretrained(loader, config: ModelConfig, **kwargs):
-    source = resolve_speech_source(config.name)
-    common = dict(revision=config.revision, trust_remote_code=config.trust_remote_code)
-    try:
-        return loader(source, **common, **kwargs)
-    except OSError as error:
-        offline_dir = offline_speech_model_dir(config.name)
-        if offline_dir is not None and source != str(offline_dir):
-            return loader(str(offline_dir), **common, **kwargs)
-        raise HfTransferError(
-            f"Cannot load speech model '{config.name}': {error.__class__.__name__}: {str(error).splitlines()[0]}. "
-            f"Give a Hub id, a local model folder, or one of the offline copies: {', '.join(offline_model_names())}."
-        ) from None
+    return load_pretrained(loader, config.name, config, resolve_speech_source, offline_speech_model_dir, "speech",
+                           **kwargs)
 
 
 def load_feature_extractor(config: ModelConfig) -> Any:

@@ -30,7 +30,7 @@ from hf_transfer.recipe import ModelConfig
 from hf_transfer.sources.base import TransferModel, blocks_from_layers
 from hf_transfer.sources.offline import (
     hub_is_offline,
-    offline_model_names,
+    load_pretrained,
     offline_text_model_dir,
     packaged_source,
 )
@@ -157,19 +157,8 @@ def resolve_text_source(name: str) -> str:
 
 
 def _from_pretrained(loader, name: str, config: ModelConfig, **kwargs):
-    source = resolve_text_source(name)
-    common = dict(revision=config.revision, trust_remote_code=config.trust_remote_code)
-    try:
-        return loader(source, **common, **kwargs)
-    except OSError as error:
-        # no network or no such repository: fall back to a packaged copy if there is one
-        offline_dir = offline_text_model_dir(name)
-        if offline_dir is not None and source != str(offline_dir):
-            return loader(str(offline_dir), **common, **kwargs)
-        raise HfTransferError(
-            f"Cannot load text model '{name}': {error.__class__.__name__}: {str(error).splitlines()[0]}. "
-            f"Give a Hub id, a local model folder, or one of the offline copies: {', '.join(offline_model_names())}."
-        ) from None
+    # no network or no such repository: falls back to a packaged copy if there is one
+    return load_pretrained(loader, name, config, resolve_text_source, offline_text_model_dir, "text", **kwargs)
 
 
 def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
