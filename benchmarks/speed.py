@@ -236,6 +236,9 @@ INFERENCE_INPUTS = {"text": ("sst2", "dev.tsv"), "images": ("hymenoptera", "val"
 
 def side_predict(args: argparse.Namespace) -> dict:
     """`hf-transfer predict RUN INPUTS` through its Python entry point (model loading included)."""
+    import timm  # noqa: F401  (imported before the clock starts, as the other sides import theirs: imports are
+    import transformers  # noqa: F401  not timed on any side, loading the model is)
+
     from hf_transfer.inference.predict import predict
 
     inputs = str(Path(args.data_root).joinpath(*INFERENCE_INPUTS[args.inputs]))
@@ -374,20 +377,35 @@ SIDES = {
 
 
 def _text_sides(model: str, precision: str, batch: int, pad: int | None, samples: int | None, epochs: int,
-                text_set: str, with_eager: bool = False) -> list[tuple]:
-    common = ["--model", model, "--precision", precision, "--batch-size", str(batch), "--epochs", str(epochs),
-              "--text-set", text_set]
+                text_set: str, with_eager: bool = False, default_trainer: bool = True) -> list[tuple]:
+    """The Trainer as the example runs it and as a careful user sets it up, then hf_transfer.
+
+    On a CPU (`precision` auto) hf_transfer runs at its default precision (bf16 where the CPU has
+    AMX, else fp32) and once more in fp32; the Trainer runs in fp32 (its default) and, where the
+    CPU computes bf16 natively, once more with `bf16=True`, so every precision has its baseline."""
+    from hf_transfer.training.precision import cpu_has_native_bf16
+
+    common = ["--model", model, "--batch-size", str(batch), "--epochs", str(epochs), "--text-set", text_set]
     if samples:
         common += ["--train-samples", str(samples)]
     ours = common + (["--pad-to-multiple-of", str(pad)] if pad else [])
     padding = f"pad to x{pad}" if pad else "the recipe's padding"
-    sides = [
-        ("transformers Trainer, pad to max_length (the example's default)", "trainer_text", common),
-        ("transformers Trainer, dynamic padding + group_by_length", "trainer_text", common + ["--careful"]),
-        (f"hf_transfer (length groups, {padding})", "hf_transfer_text", ours),
-    ]
-    if precision == "no":  # on the CPU: random batches padded to their own longest, to show what grouping adds
-        sides.append((f"hf_transfer, no length groups ({padding})", "hf_transfer_text", ours + ["--no-length-groups"]))
+    on_cpu = precision == "auto"
+    trainer_precision = ["--precision", "no" if on_cpu else precision]
+    sides = [("transformers Trainer, pad to max_length (the example's default)", "trainer_text", common + trainer_precision)]
+    sides = sides if default_trainer else []
+    sides.append(("transformers Trainer, dynamic padding + group_by_length", "trainer_text",
+                  common + trainer_precision + ["--careful"]))
+    if on_cpu and cpu_has_native_bf16():
+        sides.append(("transformers Trainer, dynamic padding + group_by_length, bf16=True", "trainer_text",
+                      common + ["--precision", "bf16", "--careful"]))
+    ours += ["--precision", precision]
+    sides.append((f"hf_transfer (length groups, {padding}, precision {precision})", "hf_transfer_text", ours))
+    if on_cpu:  # the same in fp32, and random batches padded to their own longest (what grouping adds)
+        fp32 = [*ours[:-1], "no"]
+        sides.append((f"hf_transfer (length groups, {padding}, fp32)", "hf_transfer_text", fp32))
+        sides.append((f"hf_transfer, no length groups ({padding}, precision {precision})", "hf_transfer_text",
+                      ours + ["--no-length-groups"]))
     if with_eager:  # on a GPU: the same loop without CUDA graphs, to show what they add
         sides.append((f"hf_transfer, no CUDA graphs (length groups, {padding})", "hf_transfer_text", ours + ["--eager"]))
     return sides
@@ -399,7 +417,8 @@ def comparisons(name: str, options: argparse.Namespace) -> list[tuple[str, str, 
                 for label, flag in (("uncached", []), ("cached features", ["--cached"]))]
     text_set = options.text_set
     if name == "text-cpu":  # the CPU's own padding (data.pad_to_multiple_of null: none)
-        return _text_sides("minilm", "no", 32, None, options.train_samples or 2000, options.epochs or 2, text_set)
+        return _text_sides("minilm", "auto", 32, None, options.train_samples or 2000, options.epochs or 2, text_set,
+                           default_trainer=not options.without_default_trainer)
     if name == "gpu-text":
         return _text_sides("bert-base", "bf16", 32, 16, options.train_samples or 16000, options.epochs or 2, text_set, True)
     if name == "gpu-fixed":
@@ -505,13 +524,16 @@ def ratio_lines(name: str, rows: list[tuple[str, dict]], sides: list[str]) -> li
     # text: every hf_transfer side against the strongest Trainer side (the careful user's), and the default one
     trainers = [(label, r) for (label, r), side in zip(rows, sides) if side == "trainer_text"]
     strongest_label, strongest = max(trainers, key=lambda item: item[1]["steady_samples_per_s"])
+    default = base if "max_length" in rows[0][0] else None
     lines = [f"- strongest Trainer side: {strongest_label}"]
     for (label, r), side in zip(rows, sides):
         if side == "trainer_text":
             continue
+        against_default = (f" ({r['steady_samples_per_s'] / default['steady_samples_per_s']:.2f}x the default one)"
+                           if default else "")
         lines.append(
             f"- {label}: steady state {r['steady_samples_per_s'] / strongest['steady_samples_per_s']:.2f}x the "
-            f"strongest Trainer ({r['steady_samples_per_s'] / base['steady_samples_per_s']:.2f}x the default one); "
+            f"strongest Trainer{against_default}; "
             f"end to end (process wall time) {strongest['wall_seconds'] / r['wall_seconds']:.2f}x; "
             f"dev accuracy {100 * (r['dev_accuracy'] - strongest['dev_accuracy']):+.1f} points"
         )
@@ -533,11 +555,13 @@ def main(argv: list[str] | None = None) -> int:
     # a side's own arguments (used when the driver starts it)
     parser.add_argument("--side", choices=sorted(SIDES))
     parser.add_argument("--model", default="minilm")
-    parser.add_argument("--precision", default="no")
+    parser.add_argument("--precision", default="no", help="a side's training.mixed_precision (auto, no, bf16)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--pad-to-multiple-of", type=int, help="hf_transfer side (default: the recipe's)")
     parser.add_argument("--length-window", type=int, help="hf_transfer side: data.length_window (default: the recipe's)")
     parser.add_argument("--careful", action="store_true", help="Trainer side: dynamic padding and length grouping")
+    parser.add_argument("--without-default-trainer", action="store_true",
+                        help="text-cpu: leave out the Trainer padding to max_length (the slowest side, by far)")
     parser.add_argument("--cached", action="store_true")
     parser.add_argument("--eager", action="store_true", help="hf_transfer side without CUDA graphs")
     parser.add_argument("--no-length-groups", action="store_true", help="hf_transfer side with random batches")

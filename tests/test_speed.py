@@ -292,3 +292,53 @@ def test_graphed_run_trains_like_an_eager_run(tiny_bert_dir: Path, keyword_data:
     # dropout draws differ between the two runs, so compare the trajectories, not bits
     assert graphed_losses[-1] < graphed_losses[0]
     np.testing.assert_allclose(graphed_losses, eager_losses, rtol=0.15)
+
+
+# ------------------------------------------------------------------ precision
+@pytest.mark.parametrize(("requested", "launched", "native_cpu", "expected"), [
+    ("no", "bf16", True, "no"),  # written in the recipe: as written
+    ("bf16", "no", False, "bf16"),
+    (None, "fp16", True, None),  # null: Accelerate reads its own config
+    ("auto", "fp16", True, "fp16"),  # the launcher chose
+    ("auto", "no", True, "bf16"),  # the launcher left the default: the hardware decides
+    ("auto", "no", False, "no"),
+    ("auto", None, True, "bf16"),  # not launched through accelerate at all
+])
+def test_mixed_precision_resolves_recipe_then_launcher_then_hardware(
+    monkeypatch: pytest.MonkeyPatch, requested: str | None, launched: str | None, native_cpu: bool, expected: str | None
+) -> None:
+    from hf_transfer.training import precision
+
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    if launched is None:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launched)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native_cpu)
+    assert precision.resolve_mixed_precision(requested, "cpu") == expected
+
+
+def test_auto_precision_on_a_gpu_machine_launched_on_the_cpu_asks_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hf_transfer.training import precision
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setattr(precision.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(precision, "cuda_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert precision.resolve_mixed_precision("auto") == "bf16"  # the GPU
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # accelerate launch --cpu
+    assert precision.resolve_mixed_precision("auto") == "no"
+
+
+@pytest.mark.parametrize(("native_cpu", "expected"), [(True, "bf16"), (False, "no")])
+def test_auto_precision_is_what_the_run_trains_in_and_records(
+    tiny_bert_dir: Path, keyword_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native_cpu: bool,
+    expected: str,
+) -> None:
+    from hf_transfer.training import precision
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native_cpu)
+    summary = train_text(tiny_bert_dir, keyword_data, tmp_path / "run", cache_features=False, epochs=1)
+    assert summary["mixed_precision"] == expected
+    assert f"precision {expected}" in (tmp_path / "run" / "README.md").read_text()

@@ -113,6 +113,8 @@ def test_saved_folder_reloads_in_stock_timm_with_identical_logits(trained_linear
     reloaded = timm.create_model(f"local-dir:{output}", pretrained=True).eval()
     assert reloaded.pretrained_cfg["label_names"] == ["blue", "red"]
     assert reloaded.pretrained_cfg["input_size"] == (3, SIZE, SIZE)
+    assert all(p.is_contiguous() for p in reloaded.parameters())  # saved in the default memory format
+    reloaded.to(memory_format=torch.channels_last)  # the trained model's format: the same kernels, bit for bit
     with torch.no_grad():
         assert torch.equal(model(pixel_values=random_batch()), reloaded(random_batch()))
 

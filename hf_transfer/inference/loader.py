@@ -44,6 +44,7 @@ from hf_transfer.inference.saved import (  # noqa: F401  (re-exported: callers i
     run_recipe,
 )
 from hf_transfer.recipe import HeadConfig, ModelConfig
+from hf_transfer.sources.base import prefer_channels_last
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +177,7 @@ def load_saved_model(folder: str | Path) -> tuple[nn.Module, list[str]]:
         model = _load_custom_head(folder, info)
     else:
         model = timm.create_model(f"local-dir:{folder}", pretrained=True)
-    return model.eval(), label_names
+    return prefer_channels_last(model).eval(), label_names
 
 
 def load_image_classifier(folder: Path, trust_remote_code: bool = False) -> SavedModel:  # timm runs no remote code

@@ -23,6 +23,7 @@ from hf_transfer.inference.saved import SavedModel
 from hf_transfer.recipe import TrainingConfig
 from hf_transfer.training.loop import train
 from hf_transfer.training.plan import Plan
+from hf_transfer.training.precision import resolve_mixed_precision
 
 
 def _check_settled(saved: SavedModel) -> None:
@@ -85,7 +86,7 @@ def recover(inner: nn.Module, saved: SavedModel, epochs: int) -> dict:
     plan = RECOVERY_PLANS[saved.kind](inner, saved, training)
     for parameter in plan.model.parameters():
         parameter.requires_grad_(True)
-    accelerator = Accelerator(mixed_precision=training.mixed_precision,
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(training.mixed_precision),
                               gradient_accumulation_steps=training.gradient_accumulation_steps)
     with tempfile.TemporaryDirectory(prefix="hf-transfer-recovery-") as log_dir:
         result = train(plan, training, accelerator, Path(log_dir))

@@ -39,6 +39,7 @@ from hf_transfer.strategies import count_parameters
 from hf_transfer.tasks import task_builder
 from hf_transfer.training.optim import class_weights
 from hf_transfer.training.plan import Plan
+from hf_transfer.training.precision import resolve_mixed_precision
 
 RANKING_FILE = "ranking.json"
 
@@ -162,7 +163,7 @@ def rank_models(recipe: Recipe, candidates: list[str] | None = None, output_dir:
     recipes = [candidate_recipe(recipe, name, output_dir) for name in names]
     check_output_dir(output_dir, overwrite)
     # the precision `train` runs in, which the cache keys carry
-    accelerator = Accelerator(mixed_precision=recipe.training.mixed_precision)
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(recipe.training.mixed_precision))
     if not hub_is_offline() and use_offline_mode_if_hub_unreachable():
         say(accelerator, "The Hugging Face Hub is out of reach: using local files and packaged models only.")
     score = recipe.rank.score

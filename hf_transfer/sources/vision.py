@@ -24,7 +24,7 @@ from torch import nn
 
 from hf_transfer.errors import HfTransferError
 from hf_transfer.recipe import HeadConfig, ModelConfig
-from hf_transfer.sources.base import TransferModel
+from hf_transfer.sources.base import TransferModel, prefer_channels_last
 from hf_transfer.sources.heads import build_head, zero_init_output
 from hf_transfer.sources.offline import (
     OFFLINE_VISION_MODELS,
@@ -230,4 +230,4 @@ def load_vision_model(
     # timm's own classifier dropout serves the linear head; mlp/bottleneck heads carry their own
     drop_rate = head.dropout if head.type == "linear" else 0.0
     model = create_vision_model(config, len(label_names), image_size, drop_rate=drop_rate)
-    return VisionClassifier(attach_head(model, head), label_names, head)
+    return VisionClassifier(prefer_channels_last(attach_head(model, head)), label_names, head)

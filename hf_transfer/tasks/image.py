@@ -25,6 +25,7 @@ from hf_transfer.data.images import (
 from hf_transfer.data.splits import column_values
 from hf_transfer.export.layout import CONFIG_FILE, HEAD_INFO_FILE, MERGED_DIR
 from hf_transfer.recipe import Recipe
+from hf_transfer.sources.base import contiguous_weights
 from hf_transfer.sources.vision import (
     VisionClassifier,
     load_vision_model,
@@ -75,18 +76,18 @@ def save_vision_model(trained: VisionClassifier, folder: Path, recipe: Recipe, d
     """
     labels = {"label_names": list(trained.label_names)}
     eval_config = eval_data_config(data_config)
-    model = trained.model
-    if get_strategy(recipe.strategy).saves_adapter:
-        model.save_pretrained(folder)  # adapter_config.json + adapter_model.safetensors
-        save_config_for_hf(model.get_base_model(), folder / CONFIG_FILE, model_config=labels, data_config=eval_config)
-        if recipe.strategy.merge_lora:
-            merged = folder / MERGED_DIR
-            save_for_hf(merged_copy(model), merged, model_config=labels, safe_serialization=True, data_config=eval_config)
-            loadable_by_transformers(merged / CONFIG_FILE)
-            _write_head_info(merged, recipe, trained.head_modules[0])
-    else:
-        save_for_hf(model, folder, model_config=labels, safe_serialization=True, data_config=eval_config)
-    loadable_by_transformers(folder / CONFIG_FILE)
+    with contiguous_weights(trained.model) as model:
+        if get_strategy(recipe.strategy).saves_adapter:
+            model.save_pretrained(folder)  # adapter_config.json + adapter_model.safetensors
+            save_config_for_hf(model.get_base_model(), folder / CONFIG_FILE, model_config=labels, data_config=eval_config)
+            if recipe.strategy.merge_lora:
+                merged = folder / MERGED_DIR
+                save_for_hf(merged_copy(model), merged, model_config=labels, safe_serialization=True, data_config=eval_config)
+                loadable_by_transformers(merged / CONFIG_FILE)
+                _write_head_info(merged, recipe, trained.head_modules[0])
+        else:
+            save_for_hf(model, folder, model_config=labels, safe_serialization=True, data_config=eval_config)
+        loadable_by_transformers(folder / CONFIG_FILE)
     _write_head_info(folder, recipe, trained.head_modules[0])
 
 

@@ -36,7 +36,7 @@ from hf_transfer.recipe import (
     Recipe,
     StrategyConfig,
 )
-from hf_transfer.sources.base import TransferModel
+from hf_transfer.sources.base import TransferModel, contiguous_weights
 from hf_transfer.sources.two_tower import (
     TOKEN_KEYS,
     TwoTowerClassifier,
@@ -156,7 +156,8 @@ def save_two_tower(model: TwoTowerClassifier, folder: Path, recipe: Recipe, data
     from timm.models import save_for_hf
 
     eval_config = eval_data_config(data_config)
-    save_for_hf(merged_copy(model.model["image"].model), folder / "image_tower", safe_serialization=True, data_config=eval_config)
+    with contiguous_weights(merged_copy(model.model["image"].model)) as image_tower:
+        save_for_hf(image_tower, folder / "image_tower", safe_serialization=True, data_config=eval_config)
     loadable_by_transformers(folder / "image_tower" / CONFIG_FILE)
     merged_copy(model.model["text"].model).save_pretrained(folder / "text_tower")
     tokenizer.save_pretrained(folder / "text_tower")
