@@ -47,6 +47,10 @@ CONFIGS = {
                                    "training.layer_decay=0.75"],
         "full_head_first_mix": [*FINE_TUNE_IMAGES, "strategy.head_first=true", "data.augment.mixup=0.2",
                                 "data.augment.cutmix=1.0"],
+        # issue 14: each precision named explicitly (auto picks bf16 on a CPU with AMX)
+        **{f"{strategy}_{precision}": [*settings, f"training.mixed_precision={precision}"]
+           for strategy, settings in (("frozen", ["strategy.name=freeze_backbone"]), ("full", FINE_TUNE_IMAGES))
+           for precision in ("no", "bf16")},
     },
     "text": {
         "frozen": ["strategy.name=freeze_backbone"],

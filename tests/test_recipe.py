@@ -42,6 +42,16 @@ def test_overrides_take_dotted_keys_several_pairs_and_yaml_scalars() -> None:
     assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
 
 
+def test_yaml_words_read_as_booleans_are_given_back_where_the_field_takes_the_word(tmp_path: Path) -> None:
+    # YAML 1.1 reads `no` as false: `mixed_precision: no` in a file or on --set must still mean "no"
+    assert load_recipe("minilm_sentiment", ["training.mixed_precision=no"]).training.mixed_precision == "no"
+    file = tmp_path / "r.yaml"
+    file.write_text("name: r\ntask: text\nmodel: {name: m}\ndata: {path: d}\ntraining: {mixed_precision: no}\n")
+    assert load_recipe(str(file)).training.mixed_precision == "no"
+    with pytest.raises(HfTransferError, match="Recipe key 'training.mixed_precision' got True"):
+        load_recipe("minilm_sentiment", ["training.mixed_precision=yes"])  # no choice is the word yes
+
+
 def test_unknown_key_names_the_closest_valid_key(tmp_path: Path) -> None:
     with pytest.raises(HfTransferError, match=r"^Unknown recipe key 'training.lrr'. Did you mean 'training.lr'\?$"):
         load_recipe("minilm_sentiment", ["training.lrr=1e-4"])

@@ -47,7 +47,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 continue
         raise _type_error(key, value, tp)
     if origin is Literal:
-        if value in typing.get_args(tp):
+        choices = typing.get_args(tp)
+        if isinstance(value, bool):  # YAML reads the words no/off and yes/on as booleans: `mixed_precision: no`
+            value = next((word for word in (("no", "off") if not value else ("yes", "on")) if word in choices), value)
+        if value in choices:
             return value
         raise _type_error(key, value, tp)
     if origin is list:
