@@ -60,8 +60,8 @@ CONFIGS = {
         **{f"full_window{w}": [*FINE_TUNE_TEXT, "strategy.name=full", f"data.length_window={w}"] for w in (1, 4, 16, 50)},
         "full_window50_bf16": [*FINE_TUNE_TEXT, "strategy.name=full", "data.length_window=50", "training.mixed_precision=bf16"],
         # the default window (16) in each precision, named explicitly so the rows do not depend on what auto picks
-        **{f"full_{precision}": [*FINE_TUNE_TEXT, "strategy.name=full", f"training.mixed_precision={precision}"]
-           for precision in ("no", "bf16")},
+        **{f"{strategy}_{precision}": [*FINE_TUNE_TEXT, f"strategy.name={name}", f"training.mixed_precision={precision}"]
+           for strategy, name in (("frozen", "freeze_backbone"), ("full", "full")) for precision in ("no", "bf16")},
         "lora": [*FINE_TUNE_TEXT, "strategy.name=lora", "training.lr=5e-4", "strategy.head_first=false"],
         "lora_head_first": [*FINE_TUNE_TEXT, "strategy.name=lora", "training.lr=5e-4", "strategy.head_first=true"],
     },
