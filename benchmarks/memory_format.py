@@ -2,7 +2,7 @@
 
 A training step (forward, backward, fused AdamW step) and an inference forward at batch 32, 224 x 224,
 for the CNN families the shipped image recipes use; the median of a few repetitions after a warm-up.
-The logits of both formats are compared too (the same model, the same input).
+The logits of both formats are compared too (the same weights before any step, the same input).
 
     python benchmarks/memory_format.py [--models tf_efficientnet_lite0 resnet50 vgg16] [--repeats 3]
 """
@@ -33,6 +33,10 @@ def measure(name: str, channels_last: bool, batch: int, repeats: int) -> tuple[f
     pixels, labels = torch.randn(batch, 3, 224, 224), torch.randint(0, 2, (batch,))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    model.eval()
+    with torch.inference_mode():  # before any step: both formats hold the same weights here
+        logits = model(torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(1)))
+    model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
 
     def train_step():
@@ -44,8 +48,6 @@ def measure(name: str, channels_last: bool, batch: int, repeats: int) -> tuple[f
     model.eval()
     with torch.inference_mode():
         infer = median_seconds(lambda: model(pixels), repeats)
-        torch.manual_seed(1)
-        logits = model(torch.randn(4, 3, 224, 224))
     return train, infer, logits
 
 
