@@ -36,7 +36,10 @@ def recipe_values(model_dir: Path, data_dir: Path, output_dir: Path, **sections)
         "task": "text",
         "model": {"name": str(model_dir)},
         "data": {"path": str(data_dir), "max_length": 32},
-        "training": {"epochs": 3, "batch_size": 16, "lr": 5e-3, "warmup_ratio": 0.1, "logging_steps": 2, "seed": 0},
+        # fp32 written out: a run in a child process (the kill test) must compute as the in-process runs do,
+        # and conftest's "no AMX" stands only inside this process
+        "training": {"epochs": 3, "batch_size": 16, "lr": 5e-3, "warmup_ratio": 0.1, "logging_steps": 2, "seed": 0,
+                     "mixed_precision": "no"},
         "output": {"dir": str(output_dir)},
     }
     for section, extra in sections.items():
