@@ -38,7 +38,7 @@ from hf_transfer.sources.offline import (
     hub_is_offline,
     use_offline_mode_if_hub_unreachable,
 )
-from hf_transfer.strategies import count_parameters
+from hf_transfer.strategies import count_parameters, get_strategy
 from hf_transfer.tasks import task_builder
 from hf_transfer.training.auto import start_config, tune
 from hf_transfer.training.callbacks import recipe_callbacks
@@ -55,10 +55,16 @@ from hf_transfer.training.precision import resolve_mixed_precision
 from hf_transfer.training.trackers import checked_trackers, flat_scalars
 
 
+def trains_backbone(recipe: Recipe) -> bool:
+    # strategy auto spends its time in the fine-tuning rungs
+    return recipe.strategy.name == "auto" or get_strategy(recipe.strategy).trains_backbone
+
+
 def make_accelerator(recipe: Recipe) -> Accelerator:
     output_dir = recipe.output_dir
     return Accelerator(
-        mixed_precision=resolve_mixed_precision(recipe.training.mixed_precision),
+        mixed_precision=resolve_mixed_precision(recipe.training.mixed_precision,
+                                                trains_backbone=trains_backbone(recipe)),
         gradient_accumulation_steps=recipe.training.gradient_accumulation_steps,
         log_with=checked_trackers(recipe.training),
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),

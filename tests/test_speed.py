@@ -315,7 +315,9 @@ def test_mixed_precision_resolves_recipe_then_launcher_then_hardware(
     else:
         monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launched)
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native_cpu)
-    assert precision.resolve_mixed_precision(requested, "cpu") == expected
+    assert precision.resolve_mixed_precision(requested, trains_backbone=True, device_type="cpu") == expected
+    if requested == "auto" and launched in (None, "no"):  # a frozen backbone: one cached pass, kept in fp32
+        assert precision.resolve_mixed_precision(requested, trains_backbone=False, device_type="cpu") == "no"
 
 
 def test_auto_precision_on_a_gpu_machine_launched_on_the_cpu_asks_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -325,9 +327,9 @@ def test_auto_precision_on_a_gpu_machine_launched_on_the_cpu_asks_the_cpu(monkey
     monkeypatch.setattr(precision.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(precision, "cuda_has_native_bf16", lambda: True)
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
-    assert precision.resolve_mixed_precision("auto") == "bf16"  # the GPU
+    assert precision.resolve_mixed_precision("auto", trains_backbone=True) == "bf16"  # the GPU
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # accelerate launch --cpu
-    assert precision.resolve_mixed_precision("auto") == "no"
+    assert precision.resolve_mixed_precision("auto", trains_backbone=True) == "no"
 
 
 @pytest.mark.parametrize(("native_cpu", "expected"), [(True, "bf16"), (False, "no")])
@@ -339,6 +341,12 @@ def test_auto_precision_is_what_the_run_trains_in_and_records(
 
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native_cpu)
-    summary = train_text(tiny_bert_dir, keyword_data, tmp_path / "run", cache_features=False, epochs=1)
+    recipe = text_recipe(tiny_bert_dir, keyword_data, tmp_path / "run", epochs=1)
+    summary = run_training(recipe_from_dict({**recipe, "strategy": {"name": "full"}}))
     assert summary["mixed_precision"] == expected
     assert f"precision {expected}" in (tmp_path / "run" / "README.md").read_text()
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # a second run in this process, in its own precision
+    frozen = train_text(tiny_bert_dir, keyword_data, tmp_path / "frozen", cache_features=False, epochs=1)
+    assert frozen["mixed_precision"] == "no"  # nothing steps through the backbone: auto keeps it in fp32

@@ -228,8 +228,9 @@ class TrainingConfig:
     gradient_accumulation_steps: int = _f(1, "Batches accumulated per optimiser step.", at_least=1)
     max_grad_norm: float | None = _f(1.0, "Clip the gradient norm to this; null disables clipping.", above=0)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] | None = _f(
-        "auto", "Precision. auto: the launcher's choice if it made one, else bf16 where the hardware computes it "
-        "natively (a CUDA GPU of compute capability 8+, a CPU with AMX), else no; null: the accelerate config's."
+        "auto", "Precision. auto: the launcher's choice if it made one, else bf16 when backbone weights train and "
+        "the hardware computes it natively (a CUDA GPU of compute capability 8+, a CPU with AMX), else no; null: "
+        "the accelerate config's."
     )
     seed: int = _f(42, "Seed of every random choice (sampling, initialisation, shuffling, dropout).")
     extra_metrics: list[str] = _f(

@@ -2,13 +2,15 @@
 
     no / fp16 / bf16   as written
     null               the Accelerate config's (`accelerate launch --mixed_precision ...`, else no)
-    auto (default)     the launcher's choice when it made one other than `no`; else bf16 where the
-                       hardware multiplies bf16 natively (a CUDA GPU of compute capability 8+, or a CPU
-                       with AMX tiles), else no
+    auto (default)     the launcher's choice when it made one other than `no`; else, for a run that
+                       trains backbone weights, bf16 where the hardware multiplies bf16 natively (a CUDA
+                       GPU of compute capability 8+, or a CPU with AMX tiles); else no
 
-Why bf16 on AMX CPUs: a MiniLM training step ran 1.2-1.4x faster under bf16 autocast here, at the
-same dev accuracy on two text sets and two seeds (BENCHMARKS.md, issue 14). fp16 is never picked
-for the user: it needs loss scaling and a GPU.
+Why bf16 on AMX CPUs: MiniLM fine-tuning ran 1.4-1.6x faster under bf16 autocast here, at the same
+dev accuracy on two text sets and two seeds (BENCHMARKS.md, issue 14). Why not for a frozen
+backbone: its cost is one pass that the feature cache keeps, so bf16 saves little there, and the
+rounded features cost the solver's head an image on hymenoptera (94.1% vs 94.8%). fp16 is never
+picked for the user: it needs loss scaling and a GPU.
 """
 
 from __future__ import annotations
@@ -33,8 +35,13 @@ def cuda_has_native_bf16() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
-def resolve_mixed_precision(requested: str | None, device_type: str | None = None) -> str | None:
+def resolve_mixed_precision(
+    requested: str | None, *, trains_backbone: bool, device_type: str | None = None
+) -> str | None:
     """The value for `Accelerator(mixed_precision=...)`; None lets Accelerate read its config.
+
+    `trains_backbone`: whether the run steps through backbone weights (fine-tuning), or only reads
+    frozen features (a frozen backbone, ranking), which auto keeps in fp32.
 
     `device_type`: where the run computes ("cuda", "cpu"); by default CUDA when a GPU is visible and
     the launcher did not ask for the CPU, as Accelerate decides."""
@@ -43,6 +50,8 @@ def resolve_mixed_precision(requested: str | None, device_type: str | None = Non
     launched_with = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if launched_with != "no":
         return launched_with
+    if not trains_backbone:
+        return "no"
     on_cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")  # accelerate launch --cpu
     device_type = device_type or ("cuda" if torch.cuda.is_available() and not on_cpu else "cpu")
     native = cuda_has_native_bf16() if device_type == "cuda" else device_type == "cpu" and cpu_has_native_bf16()
