@@ -64,7 +64,7 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
     output_dir = recipe.output_dir
     return Accelerator(
         mixed_precision=resolve_mixed_precision(recipe.training.mixed_precision,
-                                                trains_backbone=trains_backbone(recipe)),
+                                                trains_backbone=trains_backbone(recipe), task=recipe.task),
         gradient_accumulation_steps=recipe.training.gradient_accumulation_steps,
         log_with=checked_trackers(recipe.training),
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),

@@ -86,7 +86,8 @@ def recover(inner: nn.Module, saved: SavedModel, epochs: int) -> dict:
     plan = RECOVERY_PLANS[saved.kind](inner, saved, training)
     for parameter in plan.model.parameters():
         parameter.requires_grad_(True)
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(training.mixed_precision, trains_backbone=True),
+    precision = resolve_mixed_precision(training.mixed_precision, trains_backbone=True, task=saved.kind)
+    accelerator = Accelerator(mixed_precision=precision,
                               gradient_accumulation_steps=training.gradient_accumulation_steps)
     with tempfile.TemporaryDirectory(prefix="hf-transfer-recovery-") as log_dir:
         result = train(plan, training, accelerator, Path(log_dir))

@@ -229,7 +229,7 @@ class TrainingConfig:
     max_grad_norm: float | None = _f(1.0, "Clip the gradient norm to this; null disables clipping.", above=0)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] | None = _f(
         "auto", "Precision. auto: the launcher's choice if it made one, else bf16 when backbone weights train and "
-        "the hardware computes it natively (a CUDA GPU of compute capability 8+, a CPU with AMX), else no; null: "
+        "the hardware computes it natively (a CUDA GPU of compute capability 8+; a CPU with AMX for text), else no; null: "
         "the accelerate config's."
     )
     seed: int = _f(42, "Seed of every random choice (sampling, initialisation, shuffling, dropout).")

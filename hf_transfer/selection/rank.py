@@ -163,7 +163,8 @@ def rank_models(recipe: Recipe, candidates: list[str] | None = None, output_dir:
     recipes = [candidate_recipe(recipe, name, output_dir) for name in names]
     check_output_dir(output_dir, overwrite)
     # the precision a frozen `train` runs in, which the cache keys carry
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(recipe.training.mixed_precision, trains_backbone=False))
+    precision = resolve_mixed_precision(recipe.training.mixed_precision, trains_backbone=False, task=recipe.task)
+    accelerator = Accelerator(mixed_precision=precision)
     if not hub_is_offline() and use_offline_mode_if_hub_unreachable():
         say(accelerator, "The Hugging Face Hub is out of reach: using local files and packaged models only.")
     score = recipe.rank.score
