@@ -10,21 +10,10 @@ The logits of both formats are compared too (the same weights before any step, t
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import timm
 import torch
-
-
-def median_seconds(step, repeats: int) -> float:
-    step()  # warm-up: oneDNN builds its kernels for the shapes on the first call
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+from text_step_profile import median_seconds  # warm-up once, then the median
 
 
 def measure(name: str, channels_last: bool, batch: int, repeats: int) -> tuple[float, float, torch.Tensor]:
