@@ -399,10 +399,10 @@ def _text_sides(model: str, precision: str, batch: int, pad: int | None, samples
     if on_cpu and cpu_has_native_bf16():
         sides.append(("transformers Trainer, dynamic padding + group_by_length, bf16=True", "trainer_text",
                       common + ["--precision", "bf16", "--careful"]))
+    fp32 = ours + ["--precision", "no"]
     ours += ["--precision", precision]
     sides.append((f"hf_transfer (length groups, {padding}, precision {precision})", "hf_transfer_text", ours))
     if on_cpu:  # the same in fp32, and random batches padded to their own longest (what grouping adds)
-        fp32 = [*ours[:-1], "no"]
         sides.append((f"hf_transfer (length groups, {padding}, fp32)", "hf_transfer_text", fp32))
         sides.append((f"hf_transfer, no length groups ({padding}, precision {precision})", "hf_transfer_text",
                       ours + ["--no-length-groups"]))
