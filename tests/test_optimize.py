@@ -170,6 +170,25 @@ def test_onnx_image_matches_pytorch_for_other_batch_sizes(image_run: Path, image
     assert [p.labels for p in predict(result.folder, images)] == [p.labels for p in predict(image_run, images)]
 
 
+def test_onnx_int8_of_a_cnn_quantises_its_convolutions_and_stays_close(image_run: Path, tmp_path: Path) -> None:
+    import onnx
+
+    result = optimize_run(image_run, OptimizeRequest(onnx=True, quantize="int8"), tmp_path / "int8")
+    assert result.manifest["onnx"]["quantization"].startswith("static: convolution")
+    graph = onnx.load(str(result.folder / "model.onnx")).graph
+    initializers = {tensor.name: tensor.data_type for tensor in graph.initializer}
+    convolution_weights = [node.input[1] for node in graph.node if node.op_type == "Conv"]
+    # QDQ: each convolution reads its weight through DequantizeLinear of an int8 initializer
+    dequantized = {node.output[0]: node.input[0] for node in graph.node if node.op_type == "DequantizeLinear"}
+    assert convolution_weights and all(initializers.get(dequantized.get(name)) == onnx.TensorProto.INT8
+                                       for name in convolution_weights)
+    original, quantized = load_saved_run(image_run), load_saved_run(result.folder)
+    pixels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = original.model(pixel_values=pixels), quantized.model(pixel_values=pixels)
+    assert (got - expected).abs().max() < 0.1 * expected.abs().max()  # int8 rounding, not a different model
+
+
 def test_cnn_pruning_removes_channels_recovers_exports_and_reloads(image_run: Path, image_data: Path,
                                                                   tmp_path: Path) -> None:
     request = OptimizeRequest(prune=0.3, recovery_epochs=1, onnx=True)

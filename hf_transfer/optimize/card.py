@@ -19,7 +19,9 @@ def _steps(manifest: dict) -> list[str]:
         steps.append(f"recovery fine-tune: {manifest['recovery']['epochs']} epoch(s) on the run's training split, "
                      "the run's recipe, every weight trained")
     if manifest["quantize"]:
-        steps.append("int8 dynamic quantisation of the linear layers (CPU)")
+        quantization = (manifest["onnx"] or {}).get("quantization")
+        steps.append(f"int8 by ONNX Runtime, {quantization}" if quantization
+                     else "int8 dynamic quantisation of the linear layers by torch (CPU)")
     if manifest["onnx"]:
         onnx = manifest["onnx"]
         steps.append(f"exported to ONNX with {onnx['exporter']}, opset {onnx['opset']}, dynamic "

@@ -43,6 +43,20 @@ def _image_validation(saved: SavedModel, batch_size: int) -> DataLoader:
     return image_loader(dataset, batch_size, False, 0, recipe.training.seed)
 
 
+def calibration_images(saved: SavedModel, count: int = 64, batch_size: int = 16) -> list[dict[str, torch.Tensor]]:
+    """`count` training images (shuffled with the run's seed), read as the validation split is read: the inputs
+    that set static int8's activation ranges. Training images, so the accuracy measured on the validation
+    split after quantisation is not flattered by having calibrated on it."""
+    from hf_transfer.data.images import image_loader, load_image_splits, with_transform
+
+    recipe = saved.recipe
+    splits, _ = load_image_splits(recipe.data, recipe.training.seed, workers=0)
+    sample = splits.train.shuffle(seed=recipe.training.seed).select(range(min(count, len(splits.train))))
+    loader = image_loader(with_transform(sample, saved.transform, recipe.data.image_column), batch_size, False, 0,
+                          recipe.training.seed)
+    return [split_batch(batch)[0] for batch in loader]
+
+
 def _same_labels(data_labels: list[str], model_labels: list[str]) -> None:
     if list(data_labels) != list(model_labels):
         raise HfTransferError(

@@ -40,6 +40,7 @@ from hf_transfer.inference.optimized import ONNX_RUNTIME, PYTORCH, load_optimize
 from hf_transfer.inference.saved import LogitsOf, PixelLogits, SavedModel, read_json
 from hf_transfer.optimize.measure import (
     accuracy,
+    calibration_images,
     latency_ms,
     predicted_labels,
     repeated,
@@ -58,7 +59,7 @@ QUANTIZATIONS = ("int8",)
 @dataclass
 class OptimizeRequest:
     prune: float | None = None  # share of attention heads and FFN neurons (text) or channels (CNN) to remove, in (0, 1)
-    quantize: str | None = None  # "int8": dynamic quantisation of the linear layers
+    quantize: str | None = None  # "int8": torch dynamic on linear layers; with onnx, ONNX Runtime int8 (optimize/onnx_export.py)
     onnx: bool = False
     recovery_epochs: int = 0
 
@@ -143,14 +144,15 @@ def _export(saved: SavedModel, float_model: nn.Module, batches: list[dict], quan
     float_file = work / ("model.float.onnx" if quantize else ONNX_FILE)
     names = export_onnx(float_model, example, float_file, dynamic_sequence=saved.kind == TEXT)
     largest = check_onnx(float_model, float_file, names, checks)
+    quantized = None
     if quantize:
-        quantize_onnx(float_file, work / ONNX_FILE)
+        quantized = quantize_onnx(saved.kind, float_file, work / ONNX_FILE, calibration=lambda: calibration_images(saved))
         float_file.unlink()
     return {
         "file": ONNX_FILE, "inputs": names, "exporter": EXPORTER, "opset": OPSET,
         "dynamic_axes": ["batch", "sequence"] if saved.kind == TEXT else ["batch"],
         "tolerance": {"atol": ATOL, "rtol": RTOL}, "max_abs_diff_float": largest,
-        "quantized": quantize, "runtime": "onnxruntime CPUExecutionProvider",
+        "quantized": quantize, "quantization": quantized, "runtime": "onnxruntime CPUExecutionProvider",
     }
 
 
