@@ -9,7 +9,7 @@ line to OUT/results.jsonl (a long measurement keeps what it finished); at the en
 markdown table and draws OUT/curve.png (validation accuracy against batch-32 samples/s speed-up).
 
     python benchmarks/optimize_curve.py RUN --out runs/optimize_curve [--ratios 0.2 0.4 ...]
-        [--recovery-epochs N] [--only SETTING ...] [--table]
+        [--recovery-epochs N] [--title TITLE] [--only SETTING ...] [--table]
 """
 
 from __future__ import annotations
@@ -123,7 +123,8 @@ def main() -> None:
     parser.add_argument("run", type=Path, help="a finished run's output folder")
     parser.add_argument("--out", type=Path, default=Path("runs/optimize_curve"))
     parser.add_argument("--ratios", nargs="*", type=float, default=[0.2, 0.4, 0.6])
-    parser.add_argument("--recovery-epochs", type=int, default=1)
+    parser.add_argument("--recovery-epochs", type=int, default=0)
+    parser.add_argument("--title", default=None, help="the curve's title (default: the run folder's name)")
     parser.add_argument("--only", nargs="*", default=None, help="setting names (default: all)")
     parser.add_argument("--table", action="store_true", help="print the table and curve of OUT/results.jsonl, and stop")
     args = parser.parse_args()
@@ -139,7 +140,7 @@ def main() -> None:
     by_setting = {row["setting"]: row for row in map(json.loads, results.read_text().splitlines())}  # the last wins
     rows = list(by_setting.values())
     print(table(rows))
-    plot(rows, args.out / "curve.png", f"hf-transfer optimize on {args.run.name}")
+    plot(rows, args.out / "curve.png", args.title or f"hf-transfer optimize on {args.run.name}")
     print(f"curve: {args.out / 'curve.png'}")
 
 

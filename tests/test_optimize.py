@@ -131,6 +131,26 @@ def test_pruning_shrinks_the_layers_and_the_model_still_runs_and_reloads(text_ru
     assert len(list(predict(result.folder, TEXTS))) == 4
 
 
+def test_taylor_importance_prunes_a_neuron_that_never_fires_however_large_its_weights(text_run: Path) -> None:
+    from hf_transfer.optimize.measure import training_sample
+    from hf_transfer.optimize.pruning import prune_transformer
+
+    saved = load_saved_run(text_run)
+    model = saved.model.model
+    layer = model.bert.encoder.layer[0]
+    with torch.no_grad():  # neuron 5: the largest weights of the layer, but GELU(-1e4) = 0 on every input
+        layer.intermediate.dense.weight[5] *= 100
+        layer.output.dense.weight[:, 5] *= 100
+        layer.intermediate.dense.bias[5] = -1e4
+    original_rows = layer.intermediate.dense.weight.clone()
+    report = prune_transformer(model, 0.5, training_sample(saved, 32))
+    assert report["scored_on"] == "32 training examples"
+    pruned = model.bert.encoder.layer[0].intermediate.dense
+    assert pruned.out_features == 32 and -1e4 not in pruned.bias  # the silent neuron is gone
+    # (a weight-norm score would have kept it first); every neuron that stayed kept its exact weights
+    assert all(any(torch.equal(row, original) for original in original_rows) for row in pruned.weight)
+
+
 def test_recovery_fine_tunes_the_pruned_model_with_the_runs_recipe(text_run: Path, tmp_path: Path) -> None:
     plain = optimize_run(text_run, OptimizeRequest(prune=0.5), tmp_path / "plain").manifest
     recovered = optimize_run(text_run, OptimizeRequest(prune=0.5, recovery_epochs=1), tmp_path / "recovered").manifest

@@ -43,18 +43,37 @@ def _image_validation(saved: SavedModel, batch_size: int) -> DataLoader:
     return image_loader(dataset, batch_size, False, 0, recipe.training.seed)
 
 
-def calibration_images(saved: SavedModel, count: int = 64, batch_size: int = 16) -> list[dict[str, torch.Tensor]]:
-    """`count` training images (shuffled with the run's seed), read as the validation split is read: the inputs
-    that set static int8's activation ranges. Training images, so the accuracy measured on the validation
-    split after quantisation is not flattered by having calibrated on it."""
+def _text_training_sample(saved: SavedModel, count: int, batch_size: int) -> DataLoader:
+    from hf_transfer.data.text import load_text_splits, text_loader, tokenize
+
+    recipe = saved.recipe
+    train = load_text_splits(recipe.data, recipe.training.seed).train
+    sample = train.shuffle(seed=recipe.training.seed).select(range(min(count, len(train))))
+    return text_loader(tokenize(sample, saved.tokenizer, recipe.data), saved.tokenizer, batch_size, False, 0,
+                       recipe.training.seed, pad_to_multiple_of=recipe.data.pad_to_multiple_of)
+
+
+def _image_training_sample(saved: SavedModel, count: int, batch_size: int) -> DataLoader:
     from hf_transfer.data.images import image_loader, load_image_splits, with_transform
 
     recipe = saved.recipe
-    splits, _ = load_image_splits(recipe.data, recipe.training.seed, workers=0)
-    sample = splits.train.shuffle(seed=recipe.training.seed).select(range(min(count, len(splits.train))))
-    loader = image_loader(with_transform(sample, saved.transform, recipe.data.image_column), batch_size, False, 0,
-                          recipe.training.seed)
-    return [split_batch(batch)[0] for batch in loader]
+    train = load_image_splits(recipe.data, recipe.training.seed, workers=0)[0].train
+    sample = train.shuffle(seed=recipe.training.seed).select(range(min(count, len(train))))
+    return image_loader(with_transform(sample, saved.transform, recipe.data.image_column), batch_size, False, 0,
+                        recipe.training.seed)
+
+
+# the saved model's kind -> a seeded sample of its training split, read as the validation split is read
+TRAINING_SAMPLES: dict[str, Callable[[SavedModel, int, int], DataLoader]] = {
+    TEXT: _text_training_sample, IMAGE: _image_training_sample,
+}
+
+
+def training_sample(saved: SavedModel, count: int, batch_size: int = 16) -> list[dict[str, torch.Tensor]]:
+    """`count` training examples (shuffled with the run's seed) as labelled batches, preprocessed as for
+    evaluation: the data that scores pruning importance and calibrates static int8. Training data, so the
+    accuracy then measured on the validation split is not flattered by having been tuned on it."""
+    return list(TRAINING_SAMPLES[saved.kind](saved, count, batch_size))
 
 
 def _same_labels(data_labels: list[str], model_labels: list[str]) -> None:

@@ -11,7 +11,10 @@ path deprecated (a DeprecationWarning): moving to dynamo=True means `dynamic_sha
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import logging
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -54,7 +57,11 @@ def export_onnx(model: nn.Module, example: dict[str, torch.Tensor], path: Path, 
     dynamic = {0: "batch", 1: "sequence"} if dynamic_sequence else {0: "batch"}
     wrapper = _Positional(model, names).eval()  # the exporter restores the wrapper's mode: eval, never dropout
     try:
-        with torch.no_grad():
+        # the tracer warns where a model branches on a shape; check_onnx runs the file at other batch sizes and
+        # lengths, which is what those warnings ask for, so they are not passed on to the user
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", module=r"torch\.onnx")
             torch.onnx.export(
                 wrapper, tuple(example[name] for name in names), str(path), dynamo=False, opset_version=OPSET,
                 input_names=names, output_names=["logits"],
@@ -96,9 +103,20 @@ def quantize_dynamic_int8(source: Path, target: Path, calibration: Callable[[], 
     the dev labels (-0.2 points) where one scale per matrix kept 96.1% (-1.1 points); BENCHMARKS.md, issue 16."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(source), str(target), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8,
-                     per_channel=True)
+    with _quiet_root_logger():  # its advice to pre-process the graph is for static quantisation
+        quantize_dynamic(str(source), str(target), op_types_to_quantize=["MatMul", "Gemm"],
+                         weight_type=QuantType.QInt8, per_channel=True)
     return "dynamic: MatMul/Gemm weights int8 per output channel, activations quantised per batch"
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """ONNX Runtime's quantisation tools log advice and progress on the root logger; not the user's concern."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 class _Batches:
@@ -121,10 +139,11 @@ def quantize_static_int8(source: Path, target: Path, calibration: Callable[[], l
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = target.with_suffix(".prepared.onnx")  # shapes inferred and graph folded, as ONNX Runtime advises
-    quant_pre_process(str(source), str(prepared))
     try:
-        quantize_static(str(prepared), str(target), _Batches(calibration()), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        with _quiet_root_logger():
+            quant_pre_process(str(source), str(prepared))
+            quantize_static(str(prepared), str(target), _Batches(calibration()), quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     finally:
         prepared.unlink(missing_ok=True)
     return "static: convolution and MatMul/Gemm weights int8 per output channel, activations uint8 with ranges " \

@@ -40,11 +40,11 @@ from hf_transfer.inference.optimized import ONNX_RUNTIME, PYTORCH, load_optimize
 from hf_transfer.inference.saved import LogitsOf, PixelLogits, SavedModel, read_json
 from hf_transfer.optimize.measure import (
     accuracy,
-    calibration_images,
     latency_ms,
     predicted_labels,
     repeated,
     state_dict_bytes,
+    training_sample,
     validation_batches,
 )
 from hf_transfer.optimize.card import optimized_card
@@ -146,7 +146,8 @@ def _export(saved: SavedModel, float_model: nn.Module, batches: list[dict], quan
     largest = check_onnx(float_model, float_file, names, checks)
     quantized = None
     if quantize:
-        quantized = quantize_onnx(saved.kind, float_file, work / ONNX_FILE, calibration=lambda: calibration_images(saved))
+        quantized = quantize_onnx(saved.kind, float_file, work / ONNX_FILE,
+                                  calibration=lambda: [split_batch(batch)[0] for batch in training_sample(saved, 64)])
         float_file.unlink()
     return {
         "file": ONNX_FILE, "inputs": names, "exporter": EXPORTER, "opset": OPSET,
@@ -172,7 +173,7 @@ def optimize_run(run_dir: str | Path, request: OptimizeRequest, output_dir: str 
     batches = validation_batches(saved)
     before_labels = predicted_labels(saved.model, batches)
     parameters_before, bytes_before = parameter_count(inner), state_dict_bytes(inner)
-    pruning = prune_model(kind, inner, request.prune, batches[0]) if request.prune is not None else None
+    pruning = prune_model(kind, inner, request.prune, saved) if request.prune is not None else None
     recovery = recover(inner, saved, request.recovery_epochs) if request.recovery_epochs else None
     wrap = LogitsOf if kind == TEXT else PixelLogits
     served = wrap(quantize_int8(copy.deepcopy(inner)) if request.quantize else inner).eval()
