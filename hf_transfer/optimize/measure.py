@@ -2,7 +2,8 @@
 
 The validation split is rebuilt exactly as training built it (data/: the same files, the same
 seeded stratified carve when the data had none, the same sample limits), then read with the saved
-model's own preprocessing, as `hf-transfer evaluate` reads data.
+model's own preprocessing, as `hf-transfer evaluate` reads data. A seeded sample of the training
+split, read the same way, scores pruning importance and calibrates static int8.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import io
 import statistics
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,59 +23,34 @@ from hf_transfer.export.layout import IMAGE, TEXT
 from hf_transfer.inference.saved import SavedModel
 from hf_transfer.training.metrics import split_batch
 
+if TYPE_CHECKING:
+    from datasets import Dataset
 
-def _text_validation(saved: SavedModel, batch_size: int) -> DataLoader:
+
+def _seeded_sample(dataset: Dataset, count: int | None, seed: int) -> Dataset:
+    return dataset if count is None else dataset.shuffle(seed=seed).select(range(min(count, len(dataset))))
+
+
+def _text_split(saved: SavedModel, split: str, batch_size: int, count: int | None) -> DataLoader:
     from hf_transfer.data.text import load_text_splits, text_loader, tokenize
 
     recipe = saved.recipe
     splits = load_text_splits(recipe.data, recipe.training.seed)
     _same_labels(splits.label_names, saved.label_names)
-    dataset = tokenize(splits.validation, saved.tokenizer, recipe.data)
-    return text_loader(dataset, saved.tokenizer, batch_size, False, 0, recipe.training.seed,
-                       pad_to_multiple_of=recipe.data.pad_to_multiple_of)
+    dataset = _seeded_sample(getattr(splits, split), count, recipe.training.seed)
+    return text_loader(tokenize(dataset, saved.tokenizer, recipe.data), saved.tokenizer, batch_size, False, 0,
+                       recipe.training.seed, pad_to_multiple_of=recipe.data.pad_to_multiple_of)
 
 
-def _image_validation(saved: SavedModel, batch_size: int) -> DataLoader:
+def _image_split(saved: SavedModel, split: str, batch_size: int, count: int | None) -> DataLoader:
     from hf_transfer.data.images import image_loader, load_image_splits, with_transform
 
     recipe = saved.recipe
     splits, _ = load_image_splits(recipe.data, recipe.training.seed, workers=0)
     _same_labels(splits.label_names, saved.label_names)
-    dataset = with_transform(splits.validation, saved.transform, recipe.data.image_column)
-    return image_loader(dataset, batch_size, False, 0, recipe.training.seed)
-
-
-def _text_training_sample(saved: SavedModel, count: int, batch_size: int) -> DataLoader:
-    from hf_transfer.data.text import load_text_splits, text_loader, tokenize
-
-    recipe = saved.recipe
-    train = load_text_splits(recipe.data, recipe.training.seed).train
-    sample = train.shuffle(seed=recipe.training.seed).select(range(min(count, len(train))))
-    return text_loader(tokenize(sample, saved.tokenizer, recipe.data), saved.tokenizer, batch_size, False, 0,
-                       recipe.training.seed, pad_to_multiple_of=recipe.data.pad_to_multiple_of)
-
-
-def _image_training_sample(saved: SavedModel, count: int, batch_size: int) -> DataLoader:
-    from hf_transfer.data.images import image_loader, load_image_splits, with_transform
-
-    recipe = saved.recipe
-    train = load_image_splits(recipe.data, recipe.training.seed, workers=0)[0].train
-    sample = train.shuffle(seed=recipe.training.seed).select(range(min(count, len(train))))
-    return image_loader(with_transform(sample, saved.transform, recipe.data.image_column), batch_size, False, 0,
+    dataset = _seeded_sample(getattr(splits, split), count, recipe.training.seed)
+    return image_loader(with_transform(dataset, saved.transform, recipe.data.image_column), batch_size, False, 0,
                         recipe.training.seed)
-
-
-# the saved model's kind -> a seeded sample of its training split, read as the validation split is read
-TRAINING_SAMPLES: dict[str, Callable[[SavedModel, int, int], DataLoader]] = {
-    TEXT: _text_training_sample, IMAGE: _image_training_sample,
-}
-
-
-def training_sample(saved: SavedModel, count: int, batch_size: int = 16) -> list[dict[str, torch.Tensor]]:
-    """`count` training examples (shuffled with the run's seed) as labelled batches, preprocessed as for
-    evaluation: the data that scores pruning importance and calibrates static int8. Training data, so the
-    accuracy then measured on the validation split is not flattered by having been tuned on it."""
-    return list(TRAINING_SAMPLES[saved.kind](saved, count, batch_size))
 
 
 def _same_labels(data_labels: list[str], model_labels: list[str]) -> None:
@@ -84,13 +61,23 @@ def _same_labels(data_labels: list[str], model_labels: list[str]) -> None:
         )
 
 
-# the saved model's kind -> its validation split, as the run's recipe reads its data
-VALIDATION_LOADERS: dict[str, Callable[[SavedModel, int], DataLoader]] = {TEXT: _text_validation, IMAGE: _image_validation}
+# the saved model's kind -> one of its splits ("train", "validation"; a seeded sample of `count` examples when
+# given), as the run's recipe reads its data and preprocessed by the saved model as for evaluation
+SPLIT_LOADERS: dict[str, Callable[[SavedModel, str, int, int | None], DataLoader]] = {
+    TEXT: _text_split, IMAGE: _image_split,
+}
 
 
 def validation_batches(saved: SavedModel, batch_size: int = 32) -> list[dict[str, torch.Tensor]]:
     """The run's validation split as a list of batches (labels included), held so every model sees the same."""
-    return list(VALIDATION_LOADERS[saved.kind](saved, batch_size))
+    return list(SPLIT_LOADERS[saved.kind](saved, "validation", batch_size, None))
+
+
+def training_sample(saved: SavedModel, count: int, batch_size: int = 16) -> list[dict[str, torch.Tensor]]:
+    """`count` training examples (shuffled with the run's seed) as labelled batches, preprocessed as for
+    evaluation: the data that scores pruning importance and calibrates static int8. Training data, so the
+    accuracy then measured on the validation split is not flattered by having been tuned on it."""
+    return list(SPLIT_LOADERS[saved.kind](saved, "train", batch_size, count))
 
 
 @torch.no_grad()
