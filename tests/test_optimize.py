@@ -94,6 +94,7 @@ def test_onnx_text_matches_pytorch_for_other_batch_sizes_and_lengths(text_run: P
     result = optimize_run(text_run, OptimizeRequest(onnx=True), tmp_path / "onnx")
     onnx = result.manifest["onnx"]
     assert onnx["dynamic_axes"] == ["batch", "sequence"] and "dynamo=False" in onnx["exporter"]
+    assert onnx["fused_operators"]["Attention"] == 2  # each of the two layers' attention is one fused operator
     original, exported = load_saved_run(text_run), load_saved_run(result.folder)
     assert type(exported.model).__name__ == "OnnxClassifier"
     for texts in (TEXTS[:1], TEXTS, TEXTS[1:3]):  # batch 1, 4 (padded, length 14), 2
@@ -296,3 +297,13 @@ def test_the_cli_gives_one_line_and_status_2(text_run: Path, tmp_path: Path, cap
     assert "written to" in capsys.readouterr().out and json.loads((optimized / "optimized.json").read_text())
     assert main(["optimize", str(optimized), "--onnx"]) == 2
     assert "already an optimised folder" in capsys.readouterr().err
+
+
+def test_a_pruned_text_model_exports_fused_with_its_remaining_heads(text_run: Path, tmp_path: Path) -> None:
+    result = optimize_run(text_run, OptimizeRequest(prune=0.5, onnx=True), tmp_path / "pruned_onnx")
+    assert result.manifest["onnx"]["fused_operators"]["Attention"] == 2  # one head left in each layer, still fused
+    pruned = load_pytorch_model(result.folder, result.manifest)
+    exported = load_saved_run(result.folder)
+    batch = _batch(exported, TEXTS)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.model(**batch), pruned(**batch).logits, atol=1e-4, rtol=1e-3)

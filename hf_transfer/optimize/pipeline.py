@@ -48,7 +48,18 @@ from hf_transfer.optimize.measure import (
     validation_batches,
 )
 from hf_transfer.optimize.card import optimized_card
-from hf_transfer.optimize.onnx_export import ATOL, EXPORTER, OPSET, RTOL, check_onnx, export_onnx, quantize_onnx, text_example
+from hf_transfer.optimize.onnx_export import (
+    ATOL,
+    EXPORTER,
+    OPSET,
+    RTOL,
+    check_onnx,
+    export_onnx,
+    fuse_transformer_graph,
+    quantize_onnx,
+    text_example,
+    with_eager_attention,
+)
 from hf_transfer.optimize.pruning import check_prunable, parameter_count, prune_model
 from hf_transfer.optimize.recovery import recover
 from hf_transfer.training.metrics import split_batch
@@ -142,8 +153,19 @@ def _export(saved: SavedModel, float_model: nn.Module, batches: list[dict], quan
         example = {name: tensor[:2] for name, tensor in inputs.items()}
         checks = [inputs, {name: tensor[:1] for name, tensor in inputs.items()}]
     float_file = work / ("model.float.onnx" if quantize else ONNX_FILE)
-    names = export_onnx(float_model, example, float_file, dynamic_sequence=saved.kind == TEXT)
-    largest = check_onnx(float_model, float_file, names, checks)
+    fused: dict[str, int] = {}
+    if saved.kind == TEXT:
+        exported = work / "model.exported.onnx"
+        names = export_onnx(with_eager_attention(float_model), example, exported, dynamic_sequence=True)
+        largest = check_onnx(float_model, exported, names, checks)
+        fused = fuse_transformer_graph(float_model, exported, float_file, names, checks)
+        if fused:
+            exported.unlink()
+        else:  # the plain export serves
+            exported.replace(float_file)
+    else:
+        names = export_onnx(float_model, example, float_file, dynamic_sequence=False)
+        largest = check_onnx(float_model, float_file, names, checks)
     quantized = None
     if quantize:
         quantized = quantize_onnx(saved.kind, float_file, work / ONNX_FILE,
@@ -153,7 +175,7 @@ def _export(saved: SavedModel, float_model: nn.Module, batches: list[dict], quan
         "file": ONNX_FILE, "inputs": names, "exporter": EXPORTER, "opset": OPSET,
         "dynamic_axes": ["batch", "sequence"] if saved.kind == TEXT else ["batch"],
         "tolerance": {"atol": ATOL, "rtol": RTOL}, "max_abs_diff_float": largest,
-        "quantized": quantize, "quantization": quantized, "runtime": "onnxruntime CPUExecutionProvider",
+        "fused_operators": fused, "quantized": quantize, "quantization": quantized, "runtime": "onnxruntime CPUExecutionProvider",
     }
 
 
