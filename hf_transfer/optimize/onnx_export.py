@@ -96,10 +96,10 @@ def fuse_transformer_graph(model: nn.Module, source: Path, target: Path, names: 
                            batches: list[dict[str, torch.Tensor]]) -> dict[str, int]:
     """ONNX Runtime's transformer optimiser on an exported BERT-family file: attention, embedding layer norm,
     GELU and skip layer norms each become one fused operator (written to `target`, which ONNX Runtime alone
-    runs). A pruned model fuses with the heads it kept; the fused file is checked against
-    PyTorch like the export. Returns the fused operators counted, or an empty dict (nothing written) when the
-    layers differ in head count or the fused graph fails the check. On Amazon reviews (128 tokens, batch 32) it took ONNX Runtime int8 from 1.35x
-    to 2.0x the PyTorch model's samples/s (BENCHMARKS.md, issue 16)."""
+    runs). A pruned model fuses with the heads it kept; the fused file is checked against PyTorch like the
+    export. Returns the fused operators counted, or an empty dict (nothing written) when the layers differ in
+    head count or the fused graph fails the check. On Amazon reviews (128 tokens, batch 32) ONNX Runtime int8
+    ran 1.35x the PyTorch model's samples/s unfused and 2.0x fused (BENCHMARKS.md, issue 16)."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     # transformers reshapes by head size (view(..., -1, head_size)), so the fuser cannot read the head count
@@ -183,8 +183,8 @@ def quantize_static_int8(source: Path, target: Path, calibration: Callable[[], l
     """int8 static quantisation by ONNX Runtime of every convolution and matrix product: weights per output
     channel, activations with ranges fixed beforehand from calibration images (the run's training split),
     QDQ format. Dynamic quantisation cannot serve a CNN (ONNX Runtime's CPU ConvInteger takes uint8 only, and
-    quantising activations per batch would cost more than it saves); static int8 ran EfficientNet-Lite0 about
-    1.5x faster than ONNX Runtime float (BENCHMARKS.md, issue 16)."""
+    quantising activations per batch would cost more than it saves); static int8 ran EfficientNet-Lite0 1.4x
+    faster than ONNX Runtime float at batch 32 (BENCHMARKS.md, issue 16)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 

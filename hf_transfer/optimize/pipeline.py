@@ -70,7 +70,7 @@ QUANTIZATIONS = ("int8",)
 @dataclass
 class OptimizeRequest:
     prune: float | None = None  # share of attention heads and FFN neurons (text) or channels (CNN) to remove, in (0, 1)
-    quantize: str | None = None  # "int8": torch dynamic on linear layers; with onnx, ONNX Runtime int8 (optimize/onnx_export.py)
+    quantize: str | None = None  # "int8": torch dynamic on linear layers; with onnx, ONNX Runtime's (onnx_export.py)
     onnx: bool = False
     recovery_epochs: int = 0
 
@@ -175,7 +175,8 @@ def _export(saved: SavedModel, float_model: nn.Module, batches: list[dict], quan
         "file": ONNX_FILE, "inputs": names, "exporter": EXPORTER, "opset": OPSET,
         "dynamic_axes": ["batch", "sequence"] if saved.kind == TEXT else ["batch"],
         "tolerance": {"atol": ATOL, "rtol": RTOL}, "max_abs_diff_float": largest,
-        "fused_operators": fused, "quantized": quantize, "quantization": quantized, "runtime": "onnxruntime CPUExecutionProvider",
+        "fused_operators": fused, "quantized": quantize, "quantization": quantized,
+        "runtime": "onnxruntime CPUExecutionProvider",
     }
 
 

@@ -72,14 +72,16 @@ def _keep_count(total: int, ratio: float) -> int:
 
 
 def _rows_times_gradient(linear: nn.Linear) -> torch.Tensor:
-    """Per output row, sum of weight * gradient (bias included): removing the row changes the loss by about minus this."""
+    """Per output row, the sum of weight x gradient (bias included): removing the row changes the loss by
+    about minus this."""
     product = (linear.weight * linear.weight.grad).sum(dim=1)
     return product + linear.bias * linear.bias.grad if linear.bias is not None else product
 
 
 def _taylor_contributions(layer: nn.Module, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """This batch's first-order estimate of the loss change from removing each head and each FFN neuron
-    (Molchanov et al. 2019, "Importance Estimation for Neural Network Pruning": the group's sum of weight x gradient)."""
+    (Molchanov et al. 2019, "Importance Estimation for Neural Network Pruning": the group's sum of weight x
+    gradient)."""
     attention, output = layer.attention.self, layer.attention.output.dense
     heads = attention.query.out_features // head_size
     rows = sum(_rows_times_gradient(getattr(attention, name)) for name in ("query", "key", "value"))
