@@ -268,6 +268,12 @@ def test_an_image_model_without_convolutions_is_refused_by_name() -> None:
         prune_cnn(timm.create_model("test_vit", img_size=32, num_classes=2), 0.3, torch.randn(1, 3, 32, 32))
 
 
+def test_torch_int8_on_a_cnn_is_refused_with_the_onnx_way(image_run: Path) -> None:
+    with pytest.raises(HfTransferError, match=r"^--quantize int8 without --onnx on an image run: .* Add --onnx"):
+        optimize_run(image_run, OptimizeRequest(quantize="int8"))
+    assert not (image_run / "optimized").exists()
+
+
 def test_a_missing_optional_package_names_the_install_command(text_run: Path, image_run: Path, monkeypatch) -> None:
     import importlib.util
 

@@ -114,6 +114,18 @@ def check_finished_run(run: Path) -> str:
     return kind
 
 
+def check_request_fits(kind: str, request: OptimizeRequest) -> None:
+    """What the run's kind allows: pruning's package for images; int8 on a CNN only through ONNX Runtime."""
+    if request.prune is not None:
+        check_prunable(kind)
+    if kind == IMAGE and request.quantize and not request.onnx:
+        raise HfTransferError(
+            "--quantize int8 without --onnx on an image run: torch's dynamic int8 reaches only a CNN's classifier, "
+            "not its convolutions, and made EfficientNet-Lite0 slower. Add --onnx: ONNX Runtime's static int8 "
+            "quantises the convolutions."
+        )
+
+
 def _inner_model(saved: SavedModel) -> nn.Module:
     """A copy of the classifier without its call wrapper, LoRA merged into the weights (peft's merge_and_unload)."""
     inner = copy.deepcopy(saved.model.model)
@@ -186,8 +198,7 @@ def optimize_run(run_dir: str | Path, request: OptimizeRequest, output_dir: str 
     run = Path(run_dir)
     check_request(request)
     kind = check_finished_run(run)
-    if request.prune is not None:
-        check_prunable(kind)
+    check_request_fits(kind, request)
     destination = Path(output_dir) if output_dir else run / OPTIMIZED_DIR
     check_output_dir(destination, overwrite)
     saved = load_saved_run(run, trust_remote_code=trust_remote_code)
