@@ -218,6 +218,8 @@ def test_cnn_pruning_removes_channels_recovers_exports_and_reloads(image_run: Pa
     assert channels["after"] < channels["before"] and manifest["parameters"]["after"] < manifest["parameters"]["before"]
     assert manifest["prune"]["library"].startswith("torch-pruning ") and manifest["recovery"]["epochs"] == 1
     reloaded = load_pytorch_model(tmp_path / "pruned", manifest)  # the shrunken convolutions rebuilt from the weights
+    stem = reloaded.conv_stem.weight
+    assert stem.is_contiguous(memory_format=torch.channels_last)  # served as fast as the run's own model
     assert sum(m.out_channels for m in reloaded.modules() if isinstance(m, torch.nn.Conv2d)) == channels["after"]
     with torch.no_grad():
         assert reloaded(torch.randn(3, 3, 32, 32)).shape == (3, 2)
