@@ -253,7 +253,8 @@ def _carve_validation(train: Dataset, names: list[str], config: DataConfig, seed
         ) from None
 
 
-def _sample(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
+def seeded_sample(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
+    """At most `limit` examples, drawn with `seed` (all of them, in order, when the limit is None or not smaller)."""
     if limit is None or limit >= len(dataset):
         return dataset
     return dataset.shuffle(seed=seed).select(range(limit))
@@ -282,7 +283,7 @@ def labelled_splits(raw: DatasetDict, config: DataConfig, columns: list[str], se
     else:
         validation = _encode_labels(validation, "validation", config, names)
     return LabelledSplits(
-        train=_sample(train, config.max_train_samples, seed),
-        validation=_sample(validation, config.max_eval_samples, seed),
+        train=seeded_sample(train, config.max_train_samples, seed),
+        validation=seeded_sample(validation, config.max_eval_samples, seed),
         label_names=names,
     )

@@ -12,7 +12,6 @@ import io
 import statistics
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -23,32 +22,27 @@ from hf_transfer.export.layout import IMAGE, TEXT
 from hf_transfer.inference.saved import SavedModel
 from hf_transfer.training.metrics import split_batch
 
-if TYPE_CHECKING:
-    from datasets import Dataset
-
-
-def _seeded_sample(dataset: Dataset, count: int | None, seed: int) -> Dataset:
-    return dataset if count is None else dataset.shuffle(seed=seed).select(range(min(count, len(dataset))))
-
 
 def _text_split(saved: SavedModel, split: str, batch_size: int, count: int | None) -> DataLoader:
+    from hf_transfer.data.splits import seeded_sample
     from hf_transfer.data.text import load_text_splits, text_loader, tokenize
 
     recipe = saved.recipe
     splits = load_text_splits(recipe.data, recipe.training.seed)
     _same_labels(splits.label_names, saved.label_names)
-    dataset = _seeded_sample(getattr(splits, split), count, recipe.training.seed)
+    dataset = seeded_sample(getattr(splits, split), count, recipe.training.seed)
     return text_loader(tokenize(dataset, saved.tokenizer, recipe.data), saved.tokenizer, batch_size, False, 0,
                        recipe.training.seed, pad_to_multiple_of=recipe.data.pad_to_multiple_of)
 
 
 def _image_split(saved: SavedModel, split: str, batch_size: int, count: int | None) -> DataLoader:
     from hf_transfer.data.images import image_loader, load_image_splits, with_transform
+    from hf_transfer.data.splits import seeded_sample
 
     recipe = saved.recipe
     splits, _ = load_image_splits(recipe.data, recipe.training.seed, workers=0)
     _same_labels(splits.label_names, saved.label_names)
-    dataset = _seeded_sample(getattr(splits, split), count, recipe.training.seed)
+    dataset = seeded_sample(getattr(splits, split), count, recipe.training.seed)
     return image_loader(with_transform(dataset, saved.transform, recipe.data.image_column), batch_size, False, 0,
                         recipe.training.seed)
 
