@@ -78,41 +78,44 @@ def _rows_times_gradient(linear: nn.Linear) -> torch.Tensor:
     return product + linear.bias * linear.bias.grad if linear.bias is not None else product
 
 
+def _columns_times_gradient(linear: nn.Linear) -> torch.Tensor:
+    """Per input column, the sum of weight x gradient: the same estimate for removing that input."""
+    return (linear.weight * linear.weight.grad).sum(dim=0)
+
+
 def _taylor_contributions(layer: nn.Module, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """This batch's first-order estimate of the loss change from removing each head and each FFN neuron
     (Molchanov et al. 2019, "Importance Estimation for Neural Network Pruning": the group's sum of weight x
     gradient)."""
-    attention, output = layer.attention.self, layer.attention.output.dense
-    heads = attention.query.out_features // head_size
+    attention = layer.attention.self
     rows = sum(_rows_times_gradient(getattr(attention, name)) for name in ("query", "key", "value"))
-    columns = (output.weight * output.weight.grad).sum(dim=0)
-    head = (rows + columns).view(heads, head_size).sum(dim=1)
-    inner, outer = layer.intermediate.dense, layer.output.dense
-    return head, _rows_times_gradient(inner) + (outer.weight * outer.weight.grad).sum(dim=0)
+    head = (rows + _columns_times_gradient(layer.attention.output.dense)).view(-1, head_size).sum(dim=1)
+    neuron = _rows_times_gradient(layer.intermediate.dense) + _columns_times_gradient(layer.output.dense)
+    return head, neuron
 
 
-def taylor_scores(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _taylor_scores(model: nn.Module, layers: list[nn.Module], head_size: int,
+                   batches: list[dict[str, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer, (head scores, FFN neuron scores): the absolute first-order loss change of removing each,
     summed over `batches` (labelled training batches), so what the task needs is kept, not what is large."""
     from hf_transfer.training.metrics import split_batch
 
-    layers = _layers(model)
-    head_size = model.config.hidden_size // model.config.num_attention_heads
     model.eval()  # dropout off: the gradients of the model that will be served
     for parameter in model.parameters():
         parameter.requires_grad_(True)
-    totals = None
+    head_scores, neuron_scores = [0.0] * len(layers), [0.0] * len(layers)
     for batch in batches:
         inputs, labels = split_batch(batch)
         model.zero_grad(set_to_none=False)
         with torch.enable_grad():
             nn.functional.cross_entropy(model(**inputs).logits.float(), labels).backward()
         with torch.no_grad():
-            batch_scores = [[part.abs() for part in _taylor_contributions(layer, head_size)] for layer in layers]
-        totals = batch_scores if totals is None else [[total + part for total, part in zip(layer_totals, layer_parts)]
-                                                      for layer_totals, layer_parts in zip(totals, batch_scores)]
+            for index, layer in enumerate(layers):
+                head, neuron = _taylor_contributions(layer, head_size)
+                head_scores[index] = head_scores[index] + head.abs()
+                neuron_scores[index] = neuron_scores[index] + neuron.abs()
     model.zero_grad(set_to_none=True)
-    return [tuple(layer_totals) for layer_totals in totals]
+    return list(zip(head_scores, neuron_scores))
 
 
 def _prune_heads(layer: nn.Module, head_size: int, ratio: float, scores: torch.Tensor) -> int:
@@ -141,7 +144,7 @@ def prune_transformer(model: nn.Module, ratio: float, batches: list[dict[str, to
     layers = _layers(model)
     config = model.config
     head_size = config.hidden_size // config.num_attention_heads
-    scores = taylor_scores(model, batches)
+    scores = _taylor_scores(model, layers, head_size, batches)
     with torch.no_grad():
         kept = [{"heads": _prune_heads(layer, head_size, ratio, head_scores),
                  "ffn_neurons": _prune_ffn(layer, ratio, ffn_scores)}
