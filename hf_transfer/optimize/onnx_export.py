@@ -93,12 +93,12 @@ def with_eager_attention(model: nn.Module) -> nn.Module:
 
 
 def fuse_transformer_graph(model: nn.Module, source: Path, target: Path, names: list[str],
-                           batches: list[dict[str, torch.Tensor]]) -> dict[str, int]:
+                           batches: list[dict[str, torch.Tensor]]) -> tuple[dict[str, int], float] | None:
     """ONNX Runtime's transformer optimiser on an exported BERT-family file: attention, embedding layer norm,
     GELU and skip layer norms each become one fused operator (written to `target`, which ONNX Runtime alone
     runs). A pruned model fuses with the heads it kept; the fused file is checked against PyTorch like the
-    export. Returns the fused operators counted, or an empty dict (nothing written) when the layers differ in
-    head count or the fused graph fails the check. On Amazon reviews (128 tokens, batch 32) ONNX Runtime int8
+    export. Returns the fused operators counted and the largest logit difference, or None (nothing written)
+    when the layers differ in head count or the fused graph fails the check. On Amazon reviews (128 tokens, batch 32) ONNX Runtime int8
     ran 1.35x the PyTorch model's samples/s unfused and 2.0x fused (BENCHMARKS.md, issue 16)."""
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -107,18 +107,17 @@ def fuse_transformer_graph(model: nn.Module, source: Path, target: Path, names: 
     shapes = {(module.num_attention_heads, module.all_head_size) for module in model.modules()
               if hasattr(module, "num_attention_heads") and hasattr(module, "query")}
     if len(shapes) != 1:
-        return {}
+        return None
     heads, attention_width = shapes.pop()
     with _quiet_root_logger():
         fused = optimize_model(str(source), model_type="bert", num_heads=heads, hidden_size=attention_width)
     counts = {name: count for name, count in fused.get_fused_operator_statistics().items() if count}
     fused.save_model_to_file(str(target))
     try:
-        check_onnx(model, target, names, batches)
+        return counts, check_onnx(model, target, names, batches)
     except HfTransferError:
         target.unlink()
-        return {}
-    return counts
+        return None
 
 
 def check_onnx(model: nn.Module, path: Path, names: list[str], batches: list[dict[str, torch.Tensor]]) -> float:

@@ -165,11 +165,10 @@ def _export(saved: SavedModel, float_model: nn.Module, batches: list[dict], quan
         example = {name: tensor[:2] for name, tensor in inputs.items()}
         checks = [inputs, {name: tensor[:1] for name, tensor in inputs.items()}]
     float_file = work / ("model.float.onnx" if quantize else ONNX_FILE)
-    fused: dict[str, int] = {}
+    fused = None
     if saved.kind == TEXT:
         exported = work / "model.exported.onnx"
         names = export_onnx(with_eager_attention(float_model), example, exported, dynamic_sequence=True)
-        largest = check_onnx(float_model, exported, names, checks)
         fused = fuse_transformer_graph(float_model, exported, float_file, names, checks)
         if fused:
             exported.unlink()
@@ -177,7 +176,8 @@ def _export(saved: SavedModel, float_model: nn.Module, batches: list[dict], quan
             exported.replace(float_file)
     else:
         names = export_onnx(float_model, example, float_file, dynamic_sequence=False)
-        largest = check_onnx(float_model, float_file, names, checks)
+    # the difference of the file that serves: the fused graph, checked as it was written, or the plain export
+    fused_operators, largest = fused or ({}, check_onnx(float_model, float_file, names, checks))
     quantized = None
     if quantize:
         quantized = quantize_onnx(saved.kind, float_file, work / ONNX_FILE,
@@ -187,7 +187,7 @@ def _export(saved: SavedModel, float_model: nn.Module, batches: list[dict], quan
         "file": ONNX_FILE, "inputs": names, "exporter": EXPORTER, "opset": OPSET,
         "dynamic_axes": ["batch", "sequence"] if saved.kind == TEXT else ["batch"],
         "tolerance": {"atol": ATOL, "rtol": RTOL}, "max_abs_diff_float": largest,
-        "fused_operators": fused, "quantized": quantize, "quantization": quantized,
+        "fused_operators": fused_operators, "quantized": quantize, "quantization": quantized,
         "runtime": "onnxruntime CPUExecutionProvider",
     }
 
