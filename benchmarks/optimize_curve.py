@@ -41,12 +41,16 @@ def settings(ratios: list[float], recovery_epochs: int) -> dict[str, list[str]]:
     return chosen
 
 
-def measure(run: Path, name: str, flags: list[str], out: Path) -> dict:
+def measure(run: Path, name: str, flags: list[str], out: Path) -> dict | None:
+    """One setting's row; None when hf-transfer refuses it for this run (torch int8 on an image run)."""
     folder = out / name
     command = [sys.executable, "-m", "hf_transfer.cli", "optimize", str(run), *flags, "--output-dir", str(folder),
                "--overwrite", "--quiet"]
     started = time.perf_counter()
-    subprocess.run(command, check=True, cwd=REPO)
+    finished = subprocess.run(command, cwd=REPO)
+    if finished.returncode == 2:  # hf-transfer refused the setting for this run (its message is above)
+        return None
+    finished.check_returncode()
     manifest = json.loads((folder / "optimized.json").read_text())
     latency = manifest["latency_ms"]
     return {
@@ -134,9 +138,13 @@ def main() -> None:
         for name, flags in settings(args.ratios, args.recovery_epochs).items():
             if args.only is None or name in args.only:
                 row = measure(args.run.resolve(), name, flags, args.out)
+                if row is None:
+                    continue
                 with results.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)
+    if not results.is_file():
+        raise SystemExit(f"Nothing measured in {results.parent}.")
     by_setting = {row["setting"]: row for row in map(json.loads, results.read_text().splitlines())}  # the last wins
     rows = list(by_setting.values())
     print(table(rows))
