@@ -141,6 +141,7 @@ def _add_evaluate(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--name", help="Subfolder of OUTPUT/evaluations for the results (default: the data's name).")
     parser.add_argument("--batch-size", type=int, default=64, help="Examples per forward pass.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an earlier evaluation of the same name.")
+    add_transcribe_argument(parser, "--data is labelled audio (class folders or a table, read as task audio reads it)")
     add_trust_argument(parser)
 
 
@@ -159,6 +160,7 @@ def evaluate_command(args: argparse.Namespace) -> None:
     result = evaluate_saved_model(
         args.output_dir, args.data, split=args.split, overrides=args.overrides, name=args.name,
         batch_size=args.batch_size, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
+        transcribe=args.transcribe,
     )
     print(
         f"accuracy {result.metrics['accuracy']:.4f}, macro F1 {result.metrics['f1_macro']:.4f} on "
@@ -183,7 +185,17 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-column", help="Text model: the column of texts in table files (default: the recipe's).")
     parser.add_argument("--format", choices=("tsv", "json"), default="tsv",
                         help="tsv: input, label, probability per line; json: one JSON object per line.")
+    add_transcribe_argument(parser, "the inputs are audio files (and folders)")
     add_trust_argument(parser)
+
+
+def add_transcribe_argument(parser: argparse.ArgumentParser, inputs: str) -> None:
+    parser.add_argument(
+        "--transcribe", metavar="RECOGNISER",
+        help=f"Text model on speech: {inputs}, transcribed by this speech recogniser (a Whisper or CTC model: "
+        "a Hub id, e.g. openai/whisper-tiny.en, which works offline, or a local folder), and the text model labels "
+        "the transcripts.",
+    )
 
 
 def predict_command(args: argparse.Namespace) -> None:
@@ -192,7 +204,7 @@ def predict_command(args: argparse.Namespace) -> None:
     if args.top_k < 1 or args.batch_size < 1:
         raise HfTransferError("--top-k and --batch-size must be >= 1.")
     predictions = predict(args.model_dir, args.inputs, args.top_k, args.batch_size, args.text_column,
-                          trust_remote_code=args.trust_remote_code)
+                          trust_remote_code=args.trust_remote_code, transcribe=args.transcribe)
     for prediction in predictions:
         print(format_prediction(prediction, args.format), flush=True)
 

@@ -25,7 +25,12 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from hf_transfer.cache.solver import LogisticHeadTrainer, solver_blocker
+from hf_transfer.cache.solver import (
+    HeadFitter,
+    SolvedHeadTrainer,
+    fit_logistic_head,
+    solver_blocker,
+)
 from hf_transfer.cache.store import (
     FeatureKey,
     FeatureStore,
@@ -50,12 +55,16 @@ class FeatureSource:
     order; labels travel with the features): view None without augmentation, view k with the
     training augmentation, seeded by k. `fingerprint(split)` digests a split's data (called only
     when the cache is used) and `preprocessing` describes everything between the data and the model.
+    `head_fit`, when set, fits the linear head on the cached features in place of the logistic
+    regression (an audio run with head.text_run: the adaptation layer, cache/projection.py); such a
+    task cannot run without the cache.
     """
 
     loader: Callable[[str, int | None], DataLoader]
     fingerprint: Callable[[str], str]
     preprocessing: str
     augmented: bool = False
+    head_fit: HeadFitter | None = None
 
 
 def feature_cache_dir(recipe: Recipe) -> Path:
@@ -265,7 +274,8 @@ def head_only_plan(recipe: Recipe, plan: Plan, accelerator: Accelerator) -> Plan
         f"computed: {extraction.misses or 'none'}){augmentation}"
     )
     report = {"feature_cache": {"hits": extraction.hits, "computed": extraction.misses}}
-    solver = LogisticHeadTrainer(train_views, train_labels) if blocker is None else None
+    fit_head = source.head_fit or fit_logistic_head
+    solver = SolvedHeadTrainer(train_views, train_labels, fit_head) if blocker is None else None
     return dataclasses.replace(
         plan,
         model=HeadOnlyModel(model),
@@ -310,6 +320,8 @@ def cached_plan(recipe: Recipe, plan: Plan, accelerator: Accelerator) -> Plan | 
     if reason is None:
         reason = logits_mismatch(plan, accelerator)
     if reason is not None:
+        if plan.feature_source is not None and plan.feature_source.head_fit is not None:
+            raise HfTransferError(f"head.text_run fits its adaptation layer on cached frozen features, but {reason}.")
         if setting is True:
             raise HfTransferError(f"training.cache_features is true, but {reason}. Set it to auto or false.")
         if recipe.head.solver == "logistic":

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -52,12 +52,32 @@ def solver_blocker(recipe: Recipe, head: nn.Module) -> str | None:
 class LogisticFit:
     C: float
     folds: int
-    train_log_loss: float
+    train_loss: float  # the log loss on the training features
     seconds: float
 
     def as_record(self) -> dict[str, Any]:
         return {"method": "logistic regression (L-BFGS, to convergence)", "C": self.C,
                 "cv_folds": self.folds, "seconds": round(self.seconds, 2)}
+
+    def announcement(self) -> str:
+        chosen = f"chosen by {self.folds}-fold cross-validation" if self.folds else "too few examples to cross-validate"
+        return (f"head: logistic regression fitted to convergence in {self.seconds:.1f} s "
+                f"(C={self.C:g}, {chosen} on the training features)")
+
+
+class HeadFit(Protocol):
+    """What a head fitter reports: its seconds, its training loss, a record and a sentence for the user."""
+
+    seconds: float
+    train_loss: float
+
+    def as_record(self) -> dict[str, Any]: ...
+
+    def announcement(self) -> str: ...
+
+
+# fits a linear head in place on the training views' features: (head, views, labels, class weights, seed)
+HeadFitter = Callable[[nn.Linear, Sequence[torch.Tensor], torch.Tensor, "torch.Tensor | None", int], HeadFit]
 
 
 def fit_logistic_head(head: nn.Linear, views: Sequence[torch.Tensor], labels: torch.Tensor,
@@ -111,28 +131,27 @@ def fit_logistic_head(head: nn.Linear, views: Sequence[torch.Tensor], labels: to
     return LogisticFit(C, folds, float(loss), time.perf_counter() - started)
 
 
-class LogisticHeadTrainer:
-    """Trains a cached head plan as `training.loop.train` would, with the solver in place of the epochs.
+class SolvedHeadTrainer:
+    """Trains a cached head plan as `training.loop.train` would, with a solver in place of the epochs:
+    the logistic regression above, or the fitter a task gives (`FeatureSource.head_fit`).
 
     The plan's training views and labels are what the cache computed; the result is one evaluation,
     recorded as epoch 1 in log.jsonl and metrics.json.
     """
 
-    def __init__(self, views: Sequence[torch.Tensor], labels: torch.Tensor):
-        self.views, self.labels = views, labels
-        self.fit: LogisticFit | None = None
+    def __init__(self, views: Sequence[torch.Tensor], labels: torch.Tensor, fit_head: HeadFitter = fit_logistic_head):
+        self.views, self.labels, self.fit_head = views, labels, fit_head
+        self.fit: HeadFit | None = None
 
     def __call__(self, plan: Plan, config: TrainingConfig, accelerator: Accelerator, run_dir: Path,
                  callbacks: Sequence[Callback] = ()) -> TrainResult:
         head = plan.model.model
         weights = class_weights(config.class_weights, plan.train_labels, len(plan.label_names))
-        self.fit = fit_logistic_head(head, self.views, self.labels, weights, config.seed)
-        chosen = f"chosen by {self.fit.folds}-fold cross-validation" if self.fit.folds else "too few examples to cross-validate"
-        say(accelerator, f"head: logistic regression fitted to convergence in {self.fit.seconds:.1f} s "
-                         f"(C={self.fit.C:g}, {chosen} on the training features)")
+        self.fit = self.fit_head(head, self.views, self.labels, weights, config.seed)
+        say(accelerator, self.fit.announcement())
         model = plan.model.to(accelerator.device)
         metrics = evaluate(model, accelerator.prepare(plan.eval_loader), accelerator, plan.label_names, config.extra_metrics)
-        record = {"epoch": 1, "train_loss": self.fit.train_log_loss, **scalar_metrics(metrics)}
+        record = {"epoch": 1, "train_loss": self.fit.train_loss, **scalar_metrics(metrics)}
         JsonlLog(run_dir / "log.jsonl", accelerator.is_main_process).write(**record)
         say(accelerator, "epoch 1: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
         return TrainResult(best_metrics=metrics, best_epoch=1, history=[record], train_seconds=self.fit.seconds,

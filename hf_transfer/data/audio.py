@@ -28,6 +28,7 @@ from hf_transfer.console import bar
 from hf_transfer.data.splits import (
     FILE_BUILDERS,
     LabelledSplits,
+    check_columns,
     labelled_splits,
     load_raw,
     require_every_class,
@@ -126,6 +127,8 @@ def _as_undecoded_audio(dataset: Dataset, column: str, base_dir: Path | None) ->
         return dataset.cast_column(column, Audio(decode=False))
     if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
         raise HfTransferError(f"Column '{column}' holds {feature}, neither audio nor audio paths; set data.audio_column.")
+    if feature.dtype == "large_string":  # datasets' Audio casts from string only (CSV tables read as large_string)
+        dataset = dataset.cast_column(column, Value("string"))
     if base_dir is not None:  # paths in a table are relative to the table's folder
         dataset = dataset.map(lambda batch: {column: [p if p is None or Path(p).is_absolute() else str(base_dir / p)
                                                       for p in batch[column]]}, batched=True)
@@ -151,10 +154,16 @@ def readable_audio(dataset: Dataset, column: str, base_dir: Path | None, samplin
     return check_audio(_as_undecoded_audio(dataset, column, base_dir), column, sampling_rate, window, check)
 
 
-def load_audio_splits(config: DataConfig, seed: int, sampling_rate: int, window: float) -> LabelledSplits:
-    """Train and validation audio (undecoded), labels encoded, unreadable and silent files dropped."""
+def load_audio_splits(config: DataConfig, seed: int, sampling_rate: int, window: float,
+                      train_columns: list[str] | None = None) -> LabelledSplits:
+    """Train and validation audio (undecoded), labels encoded, unreadable and silent files dropped.
+
+    `train_columns`: more columns the training split must have (a transcript), checked before any
+    file is decoded.
+    """
     raw, base_dir = load_raw_audio(config)
     splits = labelled_splits(raw, config, [config.audio_column], seed)
+    check_columns(splits.train, train_columns or [], "train")
     check = AudioCheck()
     train, validation = (readable_audio(s, config.audio_column, base_dir, sampling_rate, window, check)
                          for s in (splits.train, splits.validation))

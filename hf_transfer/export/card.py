@@ -86,8 +86,9 @@ def _head_text(recipe: Recipe, classes: int, summary: dict[str, Any]) -> str:
     head = recipe.head
     if recipe.task == "audio":
         shape = "" if head.type == "linear" else f" (width {head.hidden_dim}, dropout {head.dropout})"
+        made = "for" if head.text_run else "newly initialised for"  # else: a text run's head, solver_text says
         return (f"{head.type} head{shape} on the mean of the speech encoder's last hidden states over the frames that "
-                f"hold audio (not Whisper's 30 s padding), newly initialised for {classes} classes")
+                f"hold audio (not Whisper's 30 s padding), {made} {classes} classes")
     if head.type == "linear":
         return f"linear classifier on the pooled features, {classes} classes"
     shape = f"width {head.hidden_dim}, dropout {head.dropout}"

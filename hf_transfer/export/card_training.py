@@ -13,6 +13,12 @@ def solver_text(summary: dict[str, Any]) -> str:
     solver = summary.get("head_solver")
     if not solver:
         return ""
+    if solver.get("kind") == "text_projection":  # speech->text transfer: cache/projection.py
+        return (f"; the head of the text run {solver['text_run']} reading the speech through an adaptation layer: a "
+                f"ridge projection (strength {solver['ridge_strength']:.3g}, chosen by {solver['cv_folds']}-fold "
+                "cross-validation) of the frozen speech features into that text model's features, fitted on the "
+                "training clips' transcripts (their labels unused); on held-out training pairs the speech is labelled "
+                f"as the text model labels the transcript {solver['cv_agreement_with_text_model']:.1%} of the time")
     chosen = f"chosen by {solver['cv_folds']}-fold cross-validation on the training features" if solver["cv_folds"] else "the default"
     return f"; fitted to convergence on the cached features as a logistic regression (L2 strength C={solver['C']:.3g}, {chosen})"
 

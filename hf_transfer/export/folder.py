@@ -92,3 +92,14 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, value: Any) -> None:
     write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a run folder's file; a damaged or missing file is one clear error."""
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise HfTransferError(f"Cannot read {path} ({error}); it may be truncated: train again or restore it.") from None
+    if not isinstance(values, dict):
+        raise HfTransferError(f"{path} is not a JSON object; it may be damaged: train again or restore it.")
+    return values

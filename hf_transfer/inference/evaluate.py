@@ -87,27 +87,61 @@ def _image_loader(saved: SavedModel, recipe: Recipe, split: str | None, batch_si
     return loader, split
 
 
-def _audio_loader(saved: SavedModel, recipe: Recipe, split: str | None, batch_size: int):
+def _labelled_audio(recipe: Recipe, split: str | None, names: list[str], rate: int, window: float
+                    ) -> tuple[Dataset, str]:
+    """The split's usable audio (undecoded) with labels mapped into `names`; unusable files skipped and said."""
     from hf_transfer.data.audio import (
         AudioCheck,
-        audio_loader,
-        extractor_window,
         load_raw_audio,
         log_audio_check,
         readable_audio,
-        with_features,
     )
 
-    config, extractor = recipe.data, saved.feature_extractor
+    config = recipe.data
     raw, base_dir = load_raw_audio(config)
     split, dataset = pick_split(raw, split)
-    dataset = encode_split(dataset, split, config, [config.audio_column], saved.label_names)
-    check, rate, window = AudioCheck(), extractor.sampling_rate, extractor_window(extractor)
+    dataset = encode_split(dataset, split, config, [config.audio_column], names)
+    check = AudioCheck()
     dataset = readable_audio(dataset, config.audio_column, base_dir, rate, window, check)
     log_audio_check(check, rate, window)
     if len(dataset) == 0:
         raise HfTransferError(f"No audio file of the {split} split can be used (see the warnings above).")
-    return audio_loader(with_features(dataset, extractor, config.audio_column), batch_size, False, 0, 0), split
+    return dataset, split
+
+
+def _audio_loader(saved: SavedModel, recipe: Recipe, split: str | None, batch_size: int):
+    from hf_transfer.data.audio import audio_loader, extractor_window, with_features
+
+    extractor = saved.feature_extractor
+    rate, window = extractor.sampling_rate, extractor_window(extractor)
+    dataset, split = _labelled_audio(recipe, split, saved.label_names, rate, window)
+    return audio_loader(with_features(dataset, extractor, recipe.data.audio_column), batch_size, False, 0, 0), split
+
+
+def _spoken_text_loader(saved: SavedModel, recipe: Recipe, split: str | None, batch_size: int, recogniser: str):
+    """Labelled audio for a text model: transcribed by `recogniser`, then read as the run reads text."""
+    from hf_transfer.console import bar
+    from hf_transfer.data.audio import decode_mono
+    from hf_transfer.data.splits import column_values
+    from hf_transfer.data.text import text_loader, tokenize
+    from hf_transfer.inference.transcribe import load_transcriber, require_text_model
+
+    require_text_model(saved.kind)
+    config = recipe.data
+    if config.text_pair_column:
+        raise HfTransferError("--transcribe gives one text per clip; this model reads text pairs.")
+    transcribe, rate = load_transcriber(recogniser, batch_size)
+    # longer clips are transcribed in chunks, not cut: no window
+    dataset, split = _labelled_audio(recipe, split, saved.label_names, rate, float("inf"))
+    clips = column_values(dataset, config.audio_column)
+    transcripts = []
+    for start in bar(range(0, len(clips), batch_size), desc="transcribing", unit="batch"):
+        transcripts += transcribe([decode_mono(clip, rate) for clip in clips[start:start + batch_size]])
+    texts = Dataset.from_dict({config.text_column: transcripts, "label": column_values(dataset, "label")})
+    dataset = tokenize(texts, saved.tokenizer, config)
+    loader = text_loader(dataset, saved.tokenizer, batch_size, False, 0, recipe.training.seed,
+                         pad_to_multiple_of=config.pad_to_multiple_of)
+    return loader, split
 
 
 # the saved model's kind -> the loader of labelled data for it, read the way its recipe reads data
@@ -132,9 +166,11 @@ def evaluate_saved_model(
     batch_size: int = 64,
     overwrite: bool = False,
     trust_remote_code: bool = False,
+    transcribe: str | None = None,
 ) -> EvaluationResult:
     """Score the model in `output_dir` on `data`; writes metrics.json and confusion_matrix.png
-    into OUTPUT/evaluations/NAME."""
+    into OUTPUT/evaluations/NAME. `transcribe`: a speech recogniser; `data` is then labelled audio,
+    and a text model is scored on its transcripts (the cascade)."""
     from hf_transfer.export.plots import plot_confusion_matrix
 
     folder = Path(output_dir)
@@ -143,7 +179,10 @@ def evaluate_saved_model(
     values["data"]["path"] = data
     recipe = recipe_from_dict(values)
     names = saved.label_names
-    loader, split = DATA_LOADERS[saved.kind](saved, recipe, split, batch_size)
+    if transcribe is not None:
+        loader, split = _spoken_text_loader(saved, recipe, split, batch_size, transcribe)
+    else:
+        loader, split = DATA_LOADERS[saved.kind](saved, recipe, split, batch_size)
     model = saved.model
     destination = folder / EVALUATIONS_DIR / _result_name(name, data, split)
     if destination.exists() and not overwrite:
@@ -155,7 +194,8 @@ def evaluate_saved_model(
     if accelerator.is_main_process:
         destination.mkdir(parents=True, exist_ok=True)
         with staged(destination) as staging:
-            write_json(staging / "metrics.json", {"model": str(folder), "data": data, "split": split, "eval": metrics})
+            write_json(staging / "metrics.json", {"model": str(folder), "data": data, "split": split, "eval": metrics,
+                                                  **({"transcribed_by": transcribe} if transcribe else {})})
             plot_confusion_matrix(
                 metrics["confusion_matrix"]["matrix"], names, staging / "confusion_matrix.png",
                 title=f"Confusion matrix: {Path(data).name} ({split})",

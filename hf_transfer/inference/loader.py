@@ -23,11 +23,9 @@ from hf_transfer.export.layout import (
     AUDIO,
     AUDIO_HEAD_FILE,
     CONFIG_FILE,
-    DENSE_DIR,
     HEAD_INFO_FILE,
     IMAGE,
     OPTIMIZED,
-    POOLING_DIR,
     RECIPE_FILE,
     SENTENCE_MODULES_FILE,
     TEXT,
@@ -35,7 +33,7 @@ from hf_transfer.export.layout import (
     folder_kind,
 )
 from hf_transfer.inference.optimized import load_optimized
-from hf_transfer.inference.saved import (  # noqa: F401  (re-exported: callers import them from here)
+from hf_transfer.inference.saved import (
     LogitsOf,
     PixelLogits,
     SavedModel,
@@ -45,7 +43,7 @@ from hf_transfer.inference.saved import (  # noqa: F401  (re-exported: callers i
 )
 from hf_transfer.recipe import HeadConfig, ModelConfig
 from hf_transfer.sources.base import prefer_channels_last
-
+from hf_transfer.tasks.text import load_mean_pooled
 
 # ---------------------------------------------------------------------------------------------
 # Text: transformers (or peft on the source model)
@@ -58,24 +56,6 @@ def _refuse_remote_code(folder: Path) -> None:
             f"{folder}'s config.json names modelling code of its own (auto_map), which would run on loading. "
             "Pass --trust-remote-code only if you trust where the folder came from."
         )
-
-
-def load_mean_pooled(folder: Path, trust_remote_code: bool = False) -> nn.Module:
-    """A mean-pooled run's sentence-transformers folder rebuilt as the classifier it trained:
-    the encoder, the mean of its token states, the Dense layer as the linear head."""
-    from safetensors.torch import load_file
-    from transformers import AutoModel
-
-    from hf_transfer.sources.text import MeanPooledClassifier, pooling_mode
-
-    if pooling_mode(read_json(folder / POOLING_DIR / CONFIG_FILE)) != "mean":
-        raise HfTransferError(f"{folder} is a sentence-transformers folder without mean pooling; hf-transfer did not write it.")
-    dense = read_json(folder / DENSE_DIR / CONFIG_FILE)
-    encoder = AutoModel.from_pretrained(folder, use_safetensors=True, trust_remote_code=trust_remote_code)
-    model = MeanPooledClassifier(encoder, int(dense["out_features"]), dropout=0.0)
-    weights = load_file(str(folder / DENSE_DIR / "model.safetensors"))
-    model.classifier.load_state_dict({name.removeprefix("linear."): tensor for name, tensor in weights.items()})
-    return model
 
 
 def load_text_classifier(folder: Path, trust_remote_code: bool = False) -> SavedModel:

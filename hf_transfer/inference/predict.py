@@ -8,6 +8,8 @@ transform of its timm data config, or its audio feature extractor.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -29,9 +31,10 @@ TABLE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 
 @dataclass
 class Prediction:
-    path: str  # the image's path, or the text itself
+    path: str  # the image's or clip's path, or the text itself
     labels: list[str]  # best first
     probabilities: list[float]
+    transcript: str | None = None  # a clip labelled by a text run through its transcript (--transcribe)
 
 
 def read_texts(inputs: list[str], text_column: str) -> list[str]:
@@ -102,13 +105,17 @@ SORT_WINDOW_BATCHES = 64
 
 
 def _predict_texts(saved: SavedModel, inputs: list[str], k: int, batch_size: int, text_column: str | None):
+    yield from _label_texts(saved, read_texts(inputs, text_column or saved.recipe.data.text_column), k, batch_size)
+
+
+def _label_texts(saved: SavedModel, texts: list[str], k: int, batch_size: int, progress_bar: bool = True):
     from hf_transfer.data.sampling import PadToMultipleCollator
 
-    texts = read_texts(inputs, text_column or saved.recipe.data.text_column)
     tokenizer, max_length = saved.tokenizer, saved.recipe.data.max_length
     collate = PadToMultipleCollator(tokenizer.pad_token_id or 0, saved.recipe.data.pad_to_multiple_of, tokenizer.padding_side)
     window = batch_size * SORT_WINDOW_BATCHES
-    with bar(desc="predicting", total=math.ceil(len(texts) / batch_size), unit="batch") as progress:
+    progress = bar(desc="predicting", total=math.ceil(len(texts) / batch_size), unit="batch") if progress_bar else None
+    with progress if progress is not None else contextlib.nullcontext():
         for start in range(0, len(texts), window):
             chunk = texts[start:start + window]
             encoded = tokenizer(chunk, truncation=True, max_length=max_length)
@@ -121,7 +128,8 @@ def _predict_texts(saved: SavedModel, inputs: list[str], k: int, batch_size: int
                 shown = [" ".join(chunk[i].split()) for i in rows]
                 for row, prediction in zip(rows, _top_k(saved, shown, batch, k)):
                     predictions[row] = prediction
-                progress.update(1)
+                if progress is not None:
+                    progress.update(1)
             yield from predictions
 
 
@@ -164,6 +172,29 @@ def _predict_audio(saved: SavedModel, inputs: list[str], k: int, batch_size: int
         raise HfTransferError(f"None of the {len(files)} audio file(s) given could be decoded (see the warnings above).")
 
 
+def _predict_spoken(saved: SavedModel, inputs: list[str], k: int, batch_size: int, recogniser: str):
+    """Audio files labelled by a text run through their transcripts (the cascade of speech->text transfer)."""
+    from hf_transfer.data.audio import AUDIO_EXTENSIONS
+    from hf_transfer.inference.transcribe import (
+        load_transcriber,
+        require_text_model,
+        transcribe_files,
+    )
+
+    require_text_model(saved.kind)
+    files = find_images(inputs, AUDIO_EXTENSIONS, "audio files")
+    transcribe, rate = load_transcriber(recogniser, batch_size)
+    decoded = 0
+    for start in bar(range(0, len(files), batch_size), desc="transcribing and predicting", unit="batch"):
+        kept, transcripts = transcribe_files(transcribe, rate, files[start:start + batch_size])
+        decoded += len(kept)
+        labelled = _label_texts(saved, transcripts, k, batch_size, progress_bar=False)
+        for path, transcript, prediction in zip(kept, transcripts, labelled):
+            yield dataclasses.replace(prediction, path=str(path), transcript=transcript)
+    if not decoded:
+        raise HfTransferError(f"None of the {len(files)} audio file(s) given could be decoded (see the warnings above).")
+
+
 # the saved model's kind -> how its inputs are read and labelled
 PREDICTORS = {TEXT: _predict_texts, AUDIO: _predict_audio}
 
@@ -171,20 +202,30 @@ PREDICTORS = {TEXT: _predict_texts, AUDIO: _predict_audio}
 @torch.no_grad()
 def predict(
     folder: str | Path, inputs: list[str], top_k: int = 1, batch_size: int = 32, text_column: str | None = None,
-    trust_remote_code: bool = False,
+    trust_remote_code: bool = False, transcribe: str | None = None,
 ) -> Iterator[Prediction]:
-    """Top-k labels and probabilities of each input (unreadable images are logged and skipped)."""
+    """Top-k labels and probabilities of each input (unreadable images are logged and skipped).
+
+    `transcribe`: a speech recogniser; the inputs are then audio files, and a text model labels their
+    transcripts.
+    """
     saved = load_saved_run(folder, trust_remote_code=trust_remote_code)
     k = max(1, min(top_k, len(saved.label_names)))
+    if transcribe is not None:
+        yield from _predict_spoken(saved, inputs, k, batch_size, transcribe)
+        return
     predict_kind = PREDICTORS.get(saved.kind, _predict_images)
     yield from predict_kind(saved, inputs, k, batch_size, text_column)
 
 
 def format_prediction(prediction: Prediction, style: str = "tsv") -> str:
-    """tsv: `input<TAB>label<TAB>probability`, one label/probability pair per top-k rank;
-    json: {"input", "labels", "probabilities"} on one line (JSON Lines)."""
+    """tsv: `input<TAB>label<TAB>probability`, one label/probability pair per top-k rank, then the
+    transcript where there is one; json: {"input", "labels", "probabilities"} (and "transcript") on
+    one line (JSON Lines)."""
+    transcript = [] if prediction.transcript is None else [prediction.transcript]
     if style == "json":
         return json.dumps({"input": prediction.path, "labels": prediction.labels,
-                           "probabilities": [round(p, 6) for p in prediction.probabilities]})
+                           "probabilities": [round(p, 6) for p in prediction.probabilities],
+                           **{"transcript": text for text in transcript}})
     pairs = (f"{label}\t{p:.4f}" for label, p in zip(prediction.labels, prediction.probabilities))
-    return "\t".join([prediction.path, *pairs])
+    return "\t".join([prediction.path, *pairs, *(" ".join(text.split()) for text in transcript)])

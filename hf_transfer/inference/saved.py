@@ -6,7 +6,6 @@ Shared by inference/loader.py (a run's folder) and inference/optimized.py (an op
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import yaml
 from torch import nn
 
 from hf_transfer.errors import HfTransferError
+from hf_transfer.export.folder import read_json
 from hf_transfer.export.layout import CONFIG_FILE, METRICS_FILE, RECIPE_FILE
 from hf_transfer.recipe import Recipe, recipe_from_dict
 
@@ -67,17 +67,6 @@ def run_label_names(folder: Path) -> list[str]:
         if id2label:
             return [id2label[str(i)] for i in range(len(id2label))]
     raise HfTransferError(f"{folder} records no label names (no metrics.json or config.json with id2label).")
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object from a run folder's file; a damaged or missing file is one clear error."""
-    try:
-        values = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise HfTransferError(f"Cannot read {path} ({error}); it may be truncated: train again or restore it.") from None
-    if not isinstance(values, dict):
-        raise HfTransferError(f"{path} is not a JSON object; it may be damaged: train again or restore it.")
-    return values
 
 
 class LogitsOf(nn.Module):

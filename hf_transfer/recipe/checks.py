@@ -142,6 +142,7 @@ def validate(recipe: Recipe) -> None:
     for section in (recipe.data, recipe.training, recipe.output):
         section.check()
     validate_head(recipe)
+    validate_text_run(recipe)
     validate_mixing(recipe)
     validate_head_first(recipe)
     validate_adaptation(recipe)
@@ -217,6 +218,30 @@ def validate_head(recipe: Recipe) -> None:
         raise HfTransferError(
             "head.solver logistic fits the plain cross-entropy; set training.label_smoothing 0 or head.solver loop."
         )
+
+
+def validate_text_run(recipe: Recipe) -> None:
+    """head.text_run (a text head reading projected speech) where it cannot apply: refused before anything runs."""
+    if recipe.head.text_run is None:
+        if recipe.data.transcript_column is not None and recipe.task == "audio":
+            raise HfTransferError("data.transcript_column is read only with head.text_run (the text run whose head "
+                                  "classifies the speech); set head.text_run, or remove data.transcript_column.")
+        return
+    reasons = {
+        f"task {recipe.task} is not audio (set task: audio)": recipe.task != "audio",
+        "data.transcript_column is not set (name the column holding what each clip says)":
+            recipe.data.transcript_column is None,
+        f"strategy {recipe.strategy.name} trains the speech encoder (set strategy.name freeze_backbone)":
+            recipe.strategy.name != "freeze_backbone",
+        f"head.type {recipe.head.type} is not linear (set head.type linear)": recipe.head.type != "linear",
+        "head.solver is loop (set head.solver auto)": recipe.head.solver == "loop",
+        "training.cache_features is false (set it to auto)": recipe.training.cache_features is False,
+        "training.label_smoothing is set (set it to 0)": bool(recipe.training.label_smoothing),
+        "training.ema_decay is set (set it to null)": bool(recipe.training.ema_decay),
+    }
+    reason = next((reason for reason, applies in reasons.items() if applies), None)
+    if reason:
+        raise HfTransferError(f"head.text_run fits an adaptation layer on cached frozen speech features, but {reason}.")
 
 
 def validate_adaptation(recipe: Recipe) -> None:

@@ -128,6 +128,9 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
     adaptation = values.get("adaptation")
     if isinstance(adaptation, dict) and isinstance(adaptation.get("target_path"), str):
         adaptation["target_path"] = _resolve_relative_path(adaptation["target_path"], path.parent)
+    head = values.get("head")
+    if isinstance(head, dict) and isinstance(head.get("text_run"), str):
+        head["text_run"] = _resolve_relative_path(head["text_run"], path.parent)
     changes = parse_overrides(overrides or [])
     return recipe_from_dict(merge_values(values, {**renamed_for_other_data(path.stem, values, changes), **changes}))
 

@@ -17,8 +17,8 @@ from typing import Any, Literal
 import yaml
 
 from hf_transfer.errors import HfTransferError
-from hf_transfer.recipe.fields import _f
 from hf_transfer.recipe.augment_config import AugmentConfig
+from hf_transfer.recipe.fields import _f
 from hf_transfer.recipe.rank_config import RankConfig
 
 
@@ -52,6 +52,9 @@ class DataConfig:
     text_pair_column: str | None = _f(None, "Optional second text column (sentence-pair tasks).")
     image_column: str = _f("image", "Column holding the image (image tasks): image files, or paths in a CSV.")
     audio_column: str = _f("audio", "Column holding the audio (audio tasks): sound files, or paths in a CSV.")
+    transcript_column: str | None = _f(
+        None, "Audio with head.text_run: the column holding what each training clip says (its transcript)."
+    )
     image_size: int | None = _f(None, "Image tasks: square input size in pixels; null takes the source model's own.", at_least=1)
     augment: AugmentConfig = field(default_factory=AugmentConfig, metadata={"help": "Image tasks: training augmentation."})
     verify_images: bool = _f(True, "Image tasks: decode every image once before training; skip (and list) unreadable ones.")
@@ -127,6 +130,14 @@ class HeadConfig:
         "logistic: a multinomial logistic regression fitted to convergence, its L2 strength chosen by "
         "cross-validation on the training features (scikit-learn), then evaluated once; auto: logistic wherever "
         "the frozen-feature cache serves the run with a linear head and no label smoothing, loop otherwise.",
+    )
+    text_run: str | None = _f(
+        None,
+        "Audio: the output folder of a mean-pooled text run whose head classifies the speech (speech->text "
+        "transfer). An adaptation layer, a ridge projection of the frozen speech features into the text model's "
+        "features, is fitted on the training clips and their transcripts (data.transcript_column), and the text "
+        "head reads the projected speech. The training clips' labels are not used; the label names are the text "
+        "run's. Needs strategy freeze_backbone and a linear head.",
     )
 
 

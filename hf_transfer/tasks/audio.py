@@ -1,4 +1,8 @@
-"""Task audio: a transformers speech encoder, mean-pooled over the real audio, with a new head."""
+"""Task audio: a transformers speech encoder, mean-pooled over the real audio, with a new head.
+
+With head.text_run, the head is a text run's head behind an adaptation layer fitted on the training
+clips' transcripts (speech->text transfer, cache/projection.py): the same folder, another fit.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from datasets import Dataset
+
 from hf_transfer.cache.head import FeatureSource
+from hf_transfer.cache.projection import text_projection_fitter
+from hf_transfer.cache.solver import HeadFitter
 from hf_transfer.cache.store import dataset_fingerprint
 from hf_transfer.data.audio import (
     audio_loader,
@@ -24,6 +32,7 @@ from hf_transfer.sources.speech import (
     load_speech_model,
 )
 from hf_transfer.strategies import apply_strategy, merged_copy
+from hf_transfer.tasks.text import text_run_targets
 from hf_transfer.training.plan import Plan
 
 
@@ -47,16 +56,28 @@ def save_speech_model(trained: SpeechClassifier, extractor: Any, folder: Path, r
         "format": 1, "task": "audio", "head": dataclasses.asdict(recipe.head), "pooling": "masked_mean",
         "source_model": dataclasses.asdict(recipe.model), "strategy": recipe.strategy.name,
         "label_names": list(trained.label_names), "input_name": trained.input_names[0],
+        "text_run": recipe.head.text_run,  # the text model whose head, behind the adaptation layer, this head is
         # the encoder's own transformers class (WhisperEncoder has no Auto class): the loader imports it from here
         "encoder_module": type(encoder).__module__, "encoder_class": type(encoder).__name__,
     }
     (folder / HEAD_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
+def text_run_fitter(recipe: Recipe, train: Dataset, label_names: list[str]) -> HeadFitter | None:
+    """With head.text_run: the adaptation layer's fit, to the text run's features of the training
+    clips' transcripts (in the order the cache stores the clips' features)."""
+    if recipe.head.text_run is None:
+        return None
+    transcripts = [str(text) for text in column_values(train, recipe.data.transcript_column)]
+    return text_projection_fitter(text_run_targets(Path(recipe.head.text_run), transcripts, label_names))
+
+
 def build_audio_task(recipe: Recipe) -> Plan:
     seed, training, data = recipe.training.seed, recipe.training, recipe.data
     extractor = load_feature_extractor(recipe.model)
-    splits = load_audio_splits(data, seed, extractor.sampling_rate, extractor_window(extractor))
+    transcripts = [data.transcript_column] if recipe.head.text_run else []
+    splits = load_audio_splits(data, seed, extractor.sampling_rate, extractor_window(extractor), transcripts)
+    head_fit = text_run_fitter(recipe, splits.train, splits.label_names)  # before the model: a bad text run fails fast
     model = load_speech_model(recipe.model, recipe.head, splits.label_names)
     callbacks = apply_strategy(model, recipe.strategy)
     # decoding and featurising run in the loader; workers pay off only with many files
@@ -86,5 +107,6 @@ def build_audio_task(recipe: Recipe) -> Plan:
                 splits.train if split == "train" else splits.validation, file_column=data.audio_column
             ),
             preprocessing=f"feature extractor: {extractor.to_json_string()}",
+            head_fit=head_fit,
         ),
     )

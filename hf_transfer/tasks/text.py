@@ -7,13 +7,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from hf_transfer.cache.head import FeatureSource
+from hf_transfer.cache.projection import TextTargets
 from hf_transfer.cache.store import dataset_fingerprint
 from hf_transfer.data.splits import column_values
 from hf_transfer.data.text import load_text_splits, text_loader, tokenize
+from hf_transfer.errors import HfTransferError
 from hf_transfer.export.card import base_model_id
+from hf_transfer.export.folder import read_json
 from hf_transfer.export.layout import (
     CONFIG_FILE,
     DENSE_DIR,
@@ -23,10 +27,12 @@ from hf_transfer.export.layout import (
     SENTENCE_MODULES_FILE,
 )
 from hf_transfer.recipe import Recipe
+from hf_transfer.sources.pooling import masked_mean
 from hf_transfer.sources.text import (
     MeanPooledClassifier,
     load_text_model,
     load_tokenizer,
+    pooling_mode,
     resolve_pooling,
     usable_max_length,
 )
@@ -86,6 +92,51 @@ def save_mean_pooled(model: nn.Module, tokenizer: Any, folder: Path, max_length:
     head = classifier.classifier.state_dict()
     save_file({f"linear.{name}": tensor.contiguous() for name, tensor in head.items()},
               str(folder / DENSE_DIR / "model.safetensors"))
+
+
+def load_mean_pooled(folder: Path, trust_remote_code: bool = False) -> nn.Module:
+    """A mean-pooled run's sentence-transformers folder rebuilt as the classifier it trained:
+    the encoder, the mean of its token states, the Dense layer as the linear head."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    if pooling_mode(read_json(folder / POOLING_DIR / CONFIG_FILE)) != "mean":
+        raise HfTransferError(f"{folder} is a sentence-transformers folder without mean pooling; hf-transfer did not write it.")
+    dense = read_json(folder / DENSE_DIR / CONFIG_FILE)
+    encoder = AutoModel.from_pretrained(folder, use_safetensors=True, trust_remote_code=trust_remote_code)
+    model = MeanPooledClassifier(encoder, int(dense["out_features"]), dropout=0.0)
+    weights = load_file(str(folder / DENSE_DIR / "model.safetensors"))
+    model.classifier.load_state_dict({name.removeprefix("linear."): tensor for name, tensor in weights.items()})
+    return model
+
+
+@torch.no_grad()
+def text_run_targets(folder: Path, texts: list[str], label_names: list[str], batch_size: int = 64) -> TextTargets:
+    """A mean-pooled text run's features of `texts` and its head, its rows in the order of `label_names`:
+    what the adaptation layer of speech->text transfer fits to (cache/projection.py)."""
+    from transformers import AutoTokenizer
+
+    if not (folder / SENTENCE_MODULES_FILE).is_file():
+        what = "does not exist" if not folder.exists() else "is not a mean-pooled text run (no modules.json)"
+        raise HfTransferError(f"head.text_run {folder} {what}: give the output folder of a text run trained with "
+                              "head.pooling mean (the default for sentence-transformers sources).")
+    model = load_mean_pooled(folder).eval()
+    id2label = read_json(folder / CONFIG_FILE).get("id2label") or {}
+    run_labels = [id2label.get(str(i)) for i in range(model.classifier.out_features)]
+    if sorted(map(str, run_labels)) != sorted(label_names):
+        raise HfTransferError(f"The audio data's labels {sorted(label_names)} are not the text run's {run_labels} "
+                              f"({folder}); give the clips the text run's label names.")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    max_length = int(read_json(folder / SENTENCE_CONFIG_FILE).get("max_seq_length", 128))
+    features = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=max_length,
+                          return_tensors="pt")
+        states = model.encoder(**batch).last_hidden_state
+        features.append(masked_mean(states, batch["attention_mask"]))
+    rows = [run_labels.index(name) for name in label_names]
+    return TextTargets(features=torch.cat(features), weight=model.classifier.weight[rows].clone(),
+                       bias=model.classifier.bias[rows].clone(), run=str(folder))
 
 
 def build_text_task(recipe: Recipe) -> Plan:
