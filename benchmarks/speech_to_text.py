@@ -60,7 +60,7 @@ def voice_pairs(output: Path, count: int, seed: int) -> Path:
 def hf_transfer(*args: str) -> float:
     """Run one hf-transfer command as a user would; its wall seconds."""
     start = time.perf_counter()
-    subprocess.run(["hf-transfer", "--quiet", *args], check=True)
+    subprocess.run(["hf-transfer", args[0], "--quiet", *args[1:]], check=True)
     return time.perf_counter() - start
 
 

@@ -99,3 +99,32 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def tiny_whisper_config(**overrides):
+    """A Whisper of a few thousand parameters whose feature extractor takes 1 s windows (100 frames)."""
+    from transformers import WhisperConfig
+
+    settings = dict(
+        vocab_size=120, num_mel_bins=16, d_model=16, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        max_source_positions=50, max_target_positions=24, decoder_start_token_id=1, bos_token_id=1,
+        eos_token_id=2, pad_token_id=2, suppress_tokens=[], begin_suppress_tokens=[],
+    )
+    return WhisperConfig(**{**settings, **overrides})
+
+
+TINY_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "decoder_start_token_id": 1}
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    folder = tmp_path_factory.mktemp("tiny_whisper")
+    torch.manual_seed(0)
+    # weights drawn wider than Whisper's init (0.02), so that a random encoder passes the spectrum on
+    WhisperForConditionalGeneration(tiny_whisper_config(**TINY_IDS, init_std=0.3)).save_pretrained(folder)
+    # a 1 s window: 100 mel frames, which the encoder's 50 positions take after its stride-2 convolution
+    WhisperFeatureExtractor(feature_size=16, chunk_length=1).save_pretrained(folder)
+    return folder

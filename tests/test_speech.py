@@ -9,27 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import WhisperConfig, WhisperForConditionalGeneration
+from transformers import WhisperForConditionalGeneration
 
 from hf_transfer.errors import HfTransferError
 from hf_transfer.sources import packaged_speech
 from hf_transfer.sources.ctranslate2_whisper import convert_whisper, read_ctranslate2
 from hf_transfer.sources.offline import OFFLINE_SPEECH_MODELS, offline_speech_model_dir
+from tests.conftest import TINY_IDS, tiny_whisper_config
 from tests.ctranslate2_writer import write_whisper_ctranslate2
-
-
-def tiny_whisper_config(**overrides) -> WhisperConfig:
-    """A Whisper of a few thousand parameters whose feature extractor takes 1 s windows (100 frames)."""
-    settings = dict(
-        vocab_size=120, num_mel_bins=16, d_model=16, encoder_layers=2, decoder_layers=2,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
-        max_source_positions=50, max_target_positions=24, decoder_start_token_id=1, bos_token_id=1,
-        eos_token_id=2, pad_token_id=2, suppress_tokens=[], begin_suppress_tokens=[],
-    )
-    return WhisperConfig(**{**settings, **overrides})
-
-
-TINY_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "decoder_start_token_id": 1}
 
 
 @pytest.fixture
@@ -160,19 +147,6 @@ def write_tone_folder(root: Path, train: int = 12, val: int = 6, seed: int = 0) 
             for i in range(count):
                 write_wav(root / split / name / f"{name}_{i}.wav", tone(pitch, 0.6, 8000, rng), 8000)
     return root
-
-
-@pytest.fixture(scope="module")
-def tiny_whisper_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import WhisperFeatureExtractor
-
-    folder = tmp_path_factory.mktemp("tiny_whisper")
-    torch.manual_seed(0)
-    # weights drawn wider than Whisper's init (0.02), so that a random encoder passes the spectrum on
-    WhisperForConditionalGeneration(tiny_whisper_config(**TINY_IDS, init_std=0.3)).save_pretrained(folder)
-    # a 1 s window: 100 mel frames, which the encoder's 50 positions take after its stride-2 convolution
-    WhisperFeatureExtractor(feature_size=16, chunk_length=1).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import torch
 from hf_transfer.errors import HfTransferError
 from hf_transfer.recipe import recipe_from_dict
 from tests.conftest import keyword_sentences, write_jsonl
-from tests.test_speech import TINY_IDS, tiny_whisper_config, tone, write_wav
+from tests.test_speech import tone, write_wav
 
 # the tone each class is spoken as: what the adaptation layer has to tie to the keyword of the transcript
 PITCH = {"positive": 3000.0, "negative": 300.0}
@@ -42,17 +42,6 @@ def text_run(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     }))
     assert summary["eval"]["accuracy"] == 1.0  # the text model itself reads the keyword
     return root / "run"
-
-
-@pytest.fixture(scope="module")
-def tiny_whisper_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
-
-    folder = tmp_path_factory.mktemp("tiny_whisper")
-    torch.manual_seed(0)
-    WhisperForConditionalGeneration(tiny_whisper_config(**TINY_IDS, init_std=0.3)).save_pretrained(folder)
-    WhisperFeatureExtractor(feature_size=16, chunk_length=1).save_pretrained(folder)
-    return folder
 
 
 def write_spoken_pairs(root: Path, train: int = 16, validation: int = 6, seed: int = 0) -> Path:
