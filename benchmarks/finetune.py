@@ -42,6 +42,7 @@ CONFIGS = {
         "full": [*FINE_TUNE_IMAGES, "strategy.head_first=false"],
         "full_head_first": [*FINE_TUNE_IMAGES, "strategy.head_first=true"],
         # the pretrained weights move less: the head is already fitted, so fine-tuning only has to adjust
+        "full_head_first_bn_frozen": [*FINE_TUNE_IMAGES, "strategy.head_first=true", "strategy.norm_statistics=frozen"],
         "full_head_first_slow": [*FINE_TUNE_IMAGES, "strategy.head_first=true", "training.lr=1e-4", "training.backbone_lr=2e-5"],
         "full_head_first_ema_ld": [*FINE_TUNE_IMAGES, "strategy.head_first=true", "training.ema_decay=0.99",
                                    "training.layer_decay=0.75"],

@@ -13,13 +13,19 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from hf_transfer.errors import HfTransferError
 from hf_transfer.recipe import StrategyConfig
 from hf_transfer.sources.base import TransferModel
 from hf_transfer.training.plan import Callback
+
+if TYPE_CHECKING:  # annotations only
+    from hf_transfer.training.state import Loop
 
 
 def _set_trainable(parameters, trainable: bool) -> None:
@@ -151,9 +157,27 @@ def get_strategy(config: StrategyConfig) -> Strategy:
     return STRATEGIES[config.name]
 
 
+class FrozenNormStatistics(Callback):
+    """strategy.norm_statistics frozen: every BatchNorm layer normalises with its pretrained running statistics
+    in training too (the loop's train mode is set per epoch, so this runs per batch, after it)."""
+
+    def __init__(self, model: nn.Module):
+        self.norms = [module for module in model.modules() if isinstance(module, _BatchNorm)]
+
+    def on_batch(self, loop: Loop, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for norm in self.norms:
+            norm.eval()
+        return batch
+
+
 def apply_strategy(model: TransferModel, config: StrategyConfig) -> list[Callback]:
-    """Freeze and unfreeze `model` in place; returns the callbacks the loop needs (gradual unfreezing)."""
-    return get_strategy(config).apply(model, config)
+    """Freeze and unfreeze `model` in place; returns the callbacks the loop needs (gradual unfreezing,
+    frozen BatchNorm statistics)."""
+    strategy = get_strategy(config)
+    callbacks = strategy.apply(model, config)
+    if config.norm_statistics == "frozen" and strategy.trains_backbone:
+        callbacks.append(FrozenNormStatistics(model))
+    return callbacks
 
 
 def merged_copy(library_model: nn.Module) -> nn.Module:

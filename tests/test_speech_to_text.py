@@ -258,7 +258,7 @@ def test_a_stock_recogniser_transcribes_every_clip_and_chunks_long_ones(tiny_ctc
     assert len(transcripts[1].split()) > 10  # the 32 s clip, chunked and joined back into one transcript
     messages = [record.getMessage() for record in caplog.records]
     assert any(m.startswith("skipped ") and m.endswith("broken.wav: cannot decode it (RuntimeError)") for m in messages)
-    assert f"1 clip(s) longer than {CHUNK_SECONDS} s transcribed in {CHUNK_SECONDS} s chunks" in messages
+    assert f"1 clip(s) longer than {CHUNK_SECONDS} s: transcribed in {CHUNK_SECONDS} s pieces, one after another" in messages
 
 
 def test_an_unloadable_recogniser_is_one_clear_error(tmp_path: Path):

@@ -84,7 +84,10 @@ def fit_projected_text_head(head: nn.Linear, speech: torch.Tensor, targets: Text
     strengths = [s * len(z) for s in STRENGTH_GRID]
     ridge = RidgeCV(alphas=strengths, cv=folds, scoring=logit_error).fit(z, y)
     held_out = cross_val_predict(Ridge(alpha=ridge.alpha_), z, y, cv=folds)
-    agreement = float(np.mean((held_out @ text_weight.T).argmax(1) == (y @ text_weight.T).argmax(1)))
+    def labels(features: np.ndarray) -> np.ndarray:  # the text head's reading of text features
+        return (features @ text_weight.T + text_bias).argmax(1)
+
+    agreement = float(np.mean(labels(held_out) == labels(y)))
     projection, offset = ridge.coef_, ridge.intercept_  # text features = projection @ z + offset
     # logits = W (P (x - mean) / spread + c) + b  ==  (W P / spread) x + (W c + b - (W P / spread) mean)
     weight = text_weight @ projection / spread

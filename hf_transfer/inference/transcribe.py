@@ -1,10 +1,15 @@
 """Speech->text by transcription (the cascade): a speech recogniser writes what each clip says, and a
 text run classifies that.
 
-The recogniser is transformers' `automatic-speech-recognition` pipeline on any Whisper or CTC
-model (a Hub id or a local folder); `openai/whisper-tiny.en` resolves to the packaged offline copy
-when the Hub is out of reach. Clips are decoded and resampled as the audio task reads them; clips
-longer than the recogniser's 30 s window are transcribed in 30 s chunks (said once).
+The recogniser is any transformers speech-recognition model, a Hub id or a local folder: an
+encoder-decoder (Whisper: greedy `generate`) or a CTC model (wav2vec2, HuBERT: the most likely
+token per frame, collapsed by its tokenizer); `openai/whisper-tiny.en` resolves to the packaged
+offline copy when the Hub is out of reach. Clips are decoded and resampled as the audio task reads
+them, and batched.
+
+Written on the models rather than through transformers' speech-recognition pipeline: on this CPU the
+pipeline took 2.0 s per clip one at a time and 7.4 s in batches of 8, where `generate` on the same
+batches took 0.7 s (tiny.en, spoken SST-2 clips; benchmarks/BENCHMARKS.md, "Speech").
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from hf_transfer.data.audio import decode_mono
 from hf_transfer.errors import HfTransferError
 from hf_transfer.export.layout import TEXT
@@ -20,8 +28,11 @@ from hf_transfer.sources.speech import resolve_speech_source
 
 logger = logging.getLogger(__name__)
 
-CHUNK_SECONDS = 30  # Whisper's window; the pipeline cuts longer clips into chunks of this length
+CHUNK_SECONDS = 30  # Whisper's window: longer clips are cut into pieces of this length, transcribed in turn
 MAX_NEW_TOKENS = 128  # a transcript longer than this is a recogniser looping on one phrase, not speech
+# clips per recogniser call at most, whatever --batch-size says: Whisper pads every clip to 30 s, and
+# 64 clips of tiny.en took 8 GB on a CPU
+MAX_BATCH = 16
 
 # waves (mono, at the recogniser's rate) -> their transcripts
 Transcriber = Callable[[list], list[str]]
@@ -35,41 +46,67 @@ def require_text_model(kind: str) -> None:
                               "model: drop --transcribe.")
 
 
+def _generated(model, processor, waves: list[np.ndarray], rate: int) -> list[str]:
+    """An encoder-decoder's greedy transcripts (Whisper pads or cuts every wave to its window)."""
+    inputs = processor.feature_extractor(waves, sampling_rate=rate, return_tensors="pt", return_attention_mask=True)
+    ids = model.generate(inputs.input_features.to(model.device, model.dtype),
+                         attention_mask=inputs.attention_mask.to(model.device), max_new_tokens=MAX_NEW_TOKENS)
+    return processor.batch_decode(ids, skip_special_tokens=True)
+
+
+def _ctc_decoded(model, processor, waves: list[np.ndarray], rate: int) -> list[str]:
+    """A CTC model's most likely token per frame, collapsed and joined by its tokenizer."""
+    inputs = processor(waves, sampling_rate=rate, return_tensors="pt", padding=True, return_attention_mask=True)
+    logits = model(inputs.input_values.to(model.device, model.dtype),
+                   attention_mask=inputs.attention_mask.to(model.device)).logits
+    return processor.batch_decode(logits.argmax(-1))
+
+
+def _pieces(wave: np.ndarray, length: int) -> list[np.ndarray]:
+    return [wave[start:start + length] for start in range(0, len(wave), length)] or [wave]
+
+
 def load_transcriber(name: str, batch_size: int = 8) -> tuple[Transcriber, int]:
     """The recogniser `name` as a function of waves, and the sampling rate it takes."""
-    import torch
-    from transformers import pipeline
+    from transformers import (
+        AutoConfig,
+        AutoModelForCTC,
+        AutoModelForSpeechSeq2Seq,
+        AutoProcessor,
+    )
 
+    source = resolve_speech_source(name)
     try:
-        recogniser = pipeline("automatic-speech-recognition", model=resolve_speech_source(name),
-                              device=0 if torch.cuda.is_available() else -1)
+        seq2seq = AutoConfig.from_pretrained(source).is_encoder_decoder
+        processor = AutoProcessor.from_pretrained(source)
+        model = (AutoModelForSpeechSeq2Seq if seq2seq else AutoModelForCTC).from_pretrained(source).eval()
     except (OSError, ValueError, KeyError) as error:
         raise HfTransferError(
             f"Cannot load the speech recogniser {name!r} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
             "give a Whisper or CTC speech-recognition model: a Hub id (openai/whisper-tiny.en works offline) or a "
             "local folder."
         ) from None
-    rate = recogniser.feature_extractor.sampling_rate
-    is_whisper = recogniser.type == "seq2seq_whisper"
+    if torch.cuda.is_available():
+        model.to("cuda")
+    rate = processor.feature_extractor.sampling_rate
+    decode = _generated if seq2seq else _ctc_decoded
 
-    options = {"generate_kwargs": {"max_new_tokens": MAX_NEW_TOKENS}} if is_whisper else {}
-
-    def run(waves: list, **chunking) -> list[str]:
-        inputs = [{"raw": wave, "sampling_rate": rate} for wave in waves]
-        return [output["text"].strip() for output in recogniser(inputs, batch_size=batch_size, **chunking, **options)]
-
+    @torch.no_grad()
     def transcribe(waves: list) -> list[str]:
-        long = [i for i, wave in enumerate(waves) if len(wave) > CHUNK_SECONDS * rate]
-        short = [i for i in range(len(waves)) if i not in set(long)]
-        texts = [""] * len(waves)
-        for indices, chunking in ((short, {}), (long, {"chunk_length_s": CHUNK_SECONDS})):
-            if indices:
-                for i, text in zip(indices, run([waves[i] for i in indices], **chunking)):
-                    texts[i] = text
-        if long:
-            logger.warning("%d clip(s) longer than %d s transcribed in %d s chunks", len(long), CHUNK_SECONDS,
-                           CHUNK_SECONDS)
-        return texts
+        # a long clip becomes several pieces of at most the window; their transcripts are joined back
+        pieces = [_pieces(wave, CHUNK_SECONDS * rate) for wave in waves]
+        if any(len(p) > 1 for p in pieces):
+            logger.warning("%d clip(s) longer than %d s: transcribed in %d s pieces, one after another",
+                           sum(len(p) > 1 for p in pieces), CHUNK_SECONDS, CHUNK_SECONDS)
+        flat = [piece for clip in pieces for piece in clip]
+        step = min(batch_size, MAX_BATCH)
+        texts = [text for start in range(0, len(flat), step)
+                 for text in decode(model, processor, flat[start:start + step], rate)]
+        joined, used = [], 0
+        for clip in pieces:
+            joined.append(" ".join(text.strip() for text in texts[used:used + len(clip)]).strip())
+            used += len(clip)
+        return joined
 
     return transcribe, rate
 

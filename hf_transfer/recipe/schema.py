@@ -110,6 +110,12 @@ class StrategyConfig:
         "serve the task (measured to lift fine-tuning's last epoch on images, neutral on text: "
         "benchmarks/BENCHMARKS.md); true: for any task, an error where it cannot; false: the head starts at zero.",
     )
+    norm_statistics: Literal["update", "frozen"] = _f(
+        "update",
+        "Strategies that train the backbone: whether its BatchNorm layers re-estimate their running statistics "
+        "from the training batches (update, PyTorch's default) or keep the pretrained ones (frozen: the layers run "
+        "as in evaluation, their scale and shift still train). Layers whose weights are all frozen always keep theirs.",
+    )
 
 
 @dataclass
