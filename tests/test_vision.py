@@ -195,6 +195,20 @@ def test_freeze_backbone_keeps_weights_and_batchnorm_statistics(colours: Path, t
     assert not torch.equal(before["model.fc.weight"], after["model.fc.weight"])
 
 
+@pytest.mark.parametrize("statistics", ["update", "frozen"])
+def test_full_fine_tuning_keeps_pretrained_batchnorm_statistics_only_when_told(statistics: str, colours: Path,
+                                                                                tmp_path: Path) -> None:
+    recipe = image_recipe(colours, tmp_path / "run", strategy={"name": "full", "norm_statistics": statistics})
+    _, model, before = train_capturing(recipe)
+    after = model.state_dict()
+    statistic_keys = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    weights = [k for k in before if k.endswith("bn1.weight")]
+    assert statistic_keys and weights
+    assert all(not torch.equal(before[k], after[k]) for k in weights)  # the norms' scale and shift still train
+    moved = [k for k in statistic_keys if not torch.equal(before[k], after[k])]
+    assert (moved == []) == (statistics == "frozen")
+
+
 def test_partial_trains_only_the_top_blocks(colours: Path, tmp_path: Path) -> None:
     recipe = image_recipe(colours, tmp_path / "run", strategy={"name": "partial", "trainable_blocks": 1})
     _, model, before = train_capturing(recipe)

@@ -150,7 +150,7 @@ def check_columns(dataset: Dataset, columns: list[str], split: str) -> None:
     if missing:
         raise HfTransferError(
             f"Column(s) {missing} not found in the {split} split; it has columns {dataset.column_names}. "
-            "Set data.text_column / data.image_column / data.label_column to the right names."
+            "Set data.text_column / data.image_column / data.audio_column / data.label_column to the right names."
         )
 
 
