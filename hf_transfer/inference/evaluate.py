@@ -131,7 +131,7 @@ def _spoken_text_loader(saved: SavedModel, recipe: Recipe, split: str | None, ba
     if config.text_pair_column:
         raise HfTransferError("--transcribe gives one text per clip; this model reads text pairs.")
     transcribe, rate = load_transcriber(recogniser, batch_size)
-    # longer clips are transcribed in chunks, not cut: no window
+    # longer clips are transcribed in 30 s pieces, not cut: no window
     dataset, split = _labelled_audio(recipe, split, saved.label_names, rate, float("inf"))
     clips = column_values(dataset, config.audio_column)
     transcripts = []

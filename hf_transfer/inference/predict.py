@@ -222,10 +222,14 @@ def format_prediction(prediction: Prediction, style: str = "tsv") -> str:
     """tsv: `input<TAB>label<TAB>probability`, one label/probability pair per top-k rank, then the
     transcript where there is one; json: {"input", "labels", "probabilities"} (and "transcript") on
     one line (JSON Lines)."""
-    transcript = [] if prediction.transcript is None else [prediction.transcript]
     if style == "json":
-        return json.dumps({"input": prediction.path, "labels": prediction.labels,
-                           "probabilities": [round(p, 6) for p in prediction.probabilities],
-                           **{"transcript": text for text in transcript}})
-    pairs = (f"{label}\t{p:.4f}" for label, p in zip(prediction.labels, prediction.probabilities))
-    return "\t".join([prediction.path, *pairs, *(" ".join(text.split()) for text in transcript)])
+        record = {"input": prediction.path, "labels": prediction.labels,
+                  "probabilities": [round(p, 6) for p in prediction.probabilities]}
+        if prediction.transcript is not None:
+            record["transcript"] = prediction.transcript
+        return json.dumps(record)
+    columns = [prediction.path]
+    columns += [f"{label}\t{p:.4f}" for label, p in zip(prediction.labels, prediction.probabilities)]
+    if prediction.transcript is not None:  # on one line: tabs and newlines inside it would break the columns
+        columns.append(" ".join(prediction.transcript.split()))
+    return "\t".join(columns)

@@ -32,7 +32,7 @@ from hf_transfer.sources.speech import (
     load_speech_model,
 )
 from hf_transfer.strategies import apply_strategy, merged_copy
-from hf_transfer.tasks.text import text_run_targets
+from hf_transfer.tasks.text import require_mean_pooled_run, text_run_targets
 from hf_transfer.training.plan import Plan
 
 
@@ -75,9 +75,11 @@ def text_run_fitter(recipe: Recipe, train: Dataset, label_names: list[str]) -> H
 def build_audio_task(recipe: Recipe) -> Plan:
     seed, training, data = recipe.training.seed, recipe.training, recipe.data
     extractor = load_feature_extractor(recipe.model)
+    if recipe.head.text_run:  # before every audio file is decoded
+        require_mean_pooled_run(Path(recipe.head.text_run))
     transcripts = [data.transcript_column] if recipe.head.text_run else []
     splits = load_audio_splits(data, seed, extractor.sampling_rate, extractor_window(extractor), transcripts)
-    head_fit = text_run_fitter(recipe, splits.train, splits.label_names)  # before the model: a bad text run fails fast
+    head_fit = text_run_fitter(recipe, splits.train, splits.label_names)
     model = load_speech_model(recipe.model, recipe.head, splits.label_names)
     callbacks = apply_strategy(model, recipe.strategy)
     # decoding and featurising run in the loader; workers pay off only with many files

@@ -110,16 +110,21 @@ def load_mean_pooled(folder: Path, trust_remote_code: bool = False) -> nn.Module
     return model
 
 
+def require_mean_pooled_run(folder: Path) -> None:
+    """head.text_run must name the output folder of a mean-pooled text run (a sentence-transformers folder)."""
+    if not (folder / SENTENCE_MODULES_FILE).is_file():
+        what = "does not exist" if not folder.exists() else "is not a mean-pooled text run (no modules.json)"
+        raise HfTransferError(f"head.text_run {folder} {what}: give the output folder of a text run trained with "
+                              "head.pooling mean (the default for sentence-transformers sources).")
+
+
 @torch.no_grad()
 def text_run_targets(folder: Path, texts: list[str], label_names: list[str], batch_size: int = 64) -> TextTargets:
     """A mean-pooled text run's features of `texts` and its head, its rows in the order of `label_names`:
     what the adaptation layer of speech->text transfer fits to (cache/projection.py)."""
     from transformers import AutoTokenizer
 
-    if not (folder / SENTENCE_MODULES_FILE).is_file():
-        what = "does not exist" if not folder.exists() else "is not a mean-pooled text run (no modules.json)"
-        raise HfTransferError(f"head.text_run {folder} {what}: give the output folder of a text run trained with "
-                              "head.pooling mean (the default for sentence-transformers sources).")
+    require_mean_pooled_run(folder)
     model = load_mean_pooled(folder).eval()
     id2label = read_json(folder / CONFIG_FILE).get("id2label") or {}
     run_labels = [id2label.get(str(i)) for i in range(model.classifier.out_features)]
