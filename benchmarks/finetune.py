@@ -64,6 +64,7 @@ CONFIGS = {
         **{f"{strategy}_{precision}": [*FINE_TUNE_TEXT, f"strategy.name={name}", f"training.mixed_precision={precision}"]
            for strategy, name in (("frozen", "freeze_backbone"), ("full", "full")) for precision in ("no", "bf16")},
         "lora": [*FINE_TUNE_TEXT, "strategy.name=lora", "training.lr=5e-4", "strategy.head_first=false"],
+        "lora_recipe_lr": [*FINE_TUNE_TEXT, "strategy.name=lora", "strategy.head_first=false"],  # 1e-4, as full
         "lora_head_first": [*FINE_TUNE_TEXT, "strategy.name=lora", "training.lr=5e-4", "strategy.head_first=true"],
     },
 }
