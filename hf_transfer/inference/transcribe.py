@@ -8,8 +8,9 @@ offline copy when the Hub is out of reach. Clips are decoded and resampled as th
 them, and batched.
 
 Written on the models rather than through transformers' speech-recognition pipeline: on this CPU the
-pipeline took 2.0 s per clip one at a time and 7.4 s in batches of 8, where `generate` on the same
-batches took 0.7 s (tiny.en, spoken SST-2 clips; benchmarks/BENCHMARKS.md, "Speech").
+pipeline was 2.1x slower one clip at a time and 9x slower in batches of 16 (tiny.en, spoken SST-2
+clips, `python -m benchmarks.speech_to_text --compare-pipeline 24`; its transcripts were 3 points of
+WER better there: benchmarks/BENCHMARKS.md, "Speech").
 """
 
 from __future__ import annotations
