@@ -230,3 +230,16 @@ def test_a_rung_out_of_memory_fails_alone_and_the_cheaper_winner_is_saved(tiny_b
     assert all("out of memory: a smaller training.batch_size" in rung["reason"] for rung in rungs[1:])
     assert summary["strategy_search"]["winner"] == "freeze_backbone"
     assert json.loads((out / "metrics.json").read_text())["strategy"] == "freeze_backbone"
+
+
+def test_the_lora_rung_trains_at_a_larger_rate_and_the_others_at_the_recipes():
+    from hf_transfer.ladder.rules import LORA_LR_SCALE
+    from hf_transfer.ladder.search import rung_recipe
+    from hf_transfer.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict({"task": "text", "model": {"name": "x"}, "strategy": {"name": "auto"},
+                               "training": {"lr": 1e-4, "backbone_lr": 2e-5, "head_lr": 1e-3}})
+    lora = rung_recipe(recipe, "lora", patience=1).training
+    assert (lora.lr, lora.backbone_lr, lora.head_lr) == pytest.approx((1e-4 * LORA_LR_SCALE, 2e-5 * LORA_LR_SCALE, 1e-3))
+    full = rung_recipe(recipe, "full", patience=1).training
+    assert (full.lr, full.backbone_lr, full.head_lr) == (1e-4, 2e-5, 1e-3)

@@ -31,6 +31,8 @@ from hf_transfer.ladder.rules import (
     BUDGET_RULE,
     LADDER,
     LADDER_PATIENCE,
+    LORA_LR_SCALE,
+    LORA_RULE,
     TIE_RULE,
     RungResult,
     budget_blocker,
@@ -70,8 +72,11 @@ class Trained:
 
 
 def rung_recipe(recipe: Recipe, strategy: str, patience: int) -> Recipe:
-    """The recipe of one rung: the run of `strategy` alone, as recipe.yaml will name the winner's."""
+    """The recipe of one rung: the run of `strategy` alone, as recipe.yaml will name the winner's (LORA_RULE)."""
     training = dataclasses.replace(recipe.training, time_budget=None, early_stopping_patience=patience)
+    if strategy == "lora":  # strategy auto takes numbers for training.lr (recipe/checks.py)
+        backbone_lr = training.backbone_lr * LORA_LR_SCALE if training.backbone_lr else None
+        training = dataclasses.replace(training, lr=training.lr * LORA_LR_SCALE, backbone_lr=backbone_lr)
     return dataclasses.replace(recipe, strategy=dataclasses.replace(recipe.strategy, name=strategy), training=training)
 
 
@@ -213,7 +218,7 @@ class Ladder:
             "early_stopping_patience": self.patience,
             "tie_tolerance": self.tolerance(),
             "rules": {"order": [rung.strategy for rung in LADDER], "tie": TIE_RULE.format(metric=metric),
-                      "budget": BUDGET_RULE},
+                      "budget": BUDGET_RULE, "lora_lr": LORA_RULE},
         }
 
 
