@@ -80,13 +80,13 @@ def fit_projected_text_head(head: nn.Linear, speech: torch.Tensor, targets: Text
     def logit_error(estimator, features: np.ndarray, wanted: np.ndarray) -> float:
         return -float(np.mean(((estimator.predict(features) - wanted) @ text_weight.T) ** 2))
 
+    def labels(features: np.ndarray) -> np.ndarray:  # the text head's reading of text features
+        return (features @ text_weight.T + text_bias).argmax(1)
+
     folds = KFold(n_splits=min(MAX_FOLDS, len(z)), shuffle=True, random_state=seed)
     strengths = [s * len(z) for s in STRENGTH_GRID]
     ridge = RidgeCV(alphas=strengths, cv=folds, scoring=logit_error).fit(z, y)
     held_out = cross_val_predict(Ridge(alpha=ridge.alpha_), z, y, cv=folds)
-    def labels(features: np.ndarray) -> np.ndarray:  # the text head's reading of text features
-        return (features @ text_weight.T + text_bias).argmax(1)
-
     agreement = float(np.mean(labels(held_out) == labels(y)))
     projection, offset = ridge.coef_, ridge.intercept_  # text features = projection @ z + offset
     # logits = W (P (x - mean) / spread + c) + b  ==  (W P / spread) x + (W c + b - (W P / spread) mean)
