@@ -7,7 +7,13 @@ ranking's own `probe_accuracy` column: `train` with strategy freeze_backbone fit
 same cached features (tests/test_rank.py checks the two agree), so it costs no second run. Prints one
 row per data set: each score's tau against that accuracy, and rank's seconds.
 
+With `--fine-tune KEY=VALUE ...` every candidate is also trained with the data set's recipe and those
+overrides (e.g. `strategy.name=full training.epochs=3`), one `hf-transfer train` each, and a second
+table gives each score's tau against the LAST epoch's validation accuracy of those runs, and rank's
+seconds as a share of the fine-tuning runs' seconds together.
+
     python benchmarks/rank_sources.py [--data-root ../shared/data] [--out runs/rank_sources] [--only SET ...]
+        [--fine-tune KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -47,9 +53,11 @@ def main() -> None:
     parser.add_argument("--data-root", default=os.environ.get("HF_TRANSFER_SHARED_DATA", "../shared/data"))
     parser.add_argument("--out", default="runs/rank_sources")
     parser.add_argument("--only", nargs="*", default=list(SETS))
+    parser.add_argument("--fine-tune", nargs="+", metavar="KEY=VALUE",
+                        help="also train every candidate with these overrides and rank against its last epoch")
     args = parser.parse_args()
     root = Path(args.data_root).resolve()
-    lines = []
+    lines, tuned_lines = [], []
     for name in args.only:
         recipe, candidates, data = SETS[name]
         out = Path(args.out) / name
@@ -68,9 +76,41 @@ def main() -> None:
         lines.append(f"| {name} | {order} | " + " | ".join(f"{taus[s]:+.2f}" for s in SCORES)
                      + f" | {ranking['winner'].split('/')[-1]} | {seconds:.0f} s |")
         print(lines[-1], flush=True)
+        if args.fine_tune:
+            tuned_lines.append(fine_tune_row(name, rows, seconds, args.fine_tune, root, Path(args.out)))
+            print(tuned_lines[-1], flush=True)
+    if tuned_lines:
+        print("| data | candidates by fine-tuned accuracy: last epoch (best); seconds | tau LogME | tau H-score | "
+              "tau k-NN | tau frozen accuracy | rank wall / fine-tuning wall |")
+        print("|---|---|---|---|---|---|---|")
+        print("\n".join(tuned_lines))
     print("| data | candidates by frozen accuracy (scores) | tau LogME | tau H-score | tau k-NN | rank's pick | rank wall |")
     print("|---|---|---|---|---|---|---|")
     print("\n".join(lines))
+
+
+def fine_tune_row(name: str, rows: list[dict], rank_seconds: float, settings: list[str], root: Path, out: Path) -> str:
+    """Train every ranked candidate with `settings`; one table row of taus against the last epoch's accuracy."""
+    recipe, _, data = SETS[name]
+    last, cells, total = [], [], 0.0
+    for row in rows:
+        run_dir = out / f"{name}_fine_tuned" / row["model"].split("/")[-1]
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "hf_transfer.cli", "train", "--quiet", "--recipe", recipe, "--overwrite",
+                        "--output-dir", str(run_dir), "--set", *(value.format(root=root) for value in data),
+                        f"model.name={row['model']}", *settings], check=True)
+        seconds = time.perf_counter() - started
+        total += seconds
+        history = json.loads((run_dir / "metrics.json").read_text())["history"]
+        accuracies = [epoch["accuracy"] for epoch in history]
+        last.append(accuracies[-1])
+        cells.append(f"{row['model'].split('/')[-1]} {100 * accuracies[-1]:.1f}% ({100 * max(accuracies):.1f}%); "
+                     f"{seconds:.0f} s")
+    taus = {score: kendalltau([row[score] for row in rows], last).statistic
+            for score in [*SCORES, "probe_accuracy"]}
+    order = ", ".join(cell for _, cell in sorted(zip(last, cells), key=lambda pair: -pair[0]))
+    return (f"| {name} | {order} | " + " | ".join(f"{taus[s]:+.2f}" for s in [*SCORES, "probe_accuracy"])
+            + f" | {rank_seconds:.0f} s / {total:.0f} s = {100 * rank_seconds / total:.1f}% |")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,21 @@ def test_ema_weights_are_evaluated_and_saved_not_the_live_ones(tiny_bert_dir, ke
     assert json.loads((out / "metrics.json").read_text())["eval"]["accuracy"] == summary["eval"]["accuracy"]
 
 
+def test_a_resumed_runs_weight_average_starts_from_the_resumed_weights():
+    from types import SimpleNamespace
+
+    from hf_transfer.training.callbacks import WeightAveraging
+
+    model = torch.nn.Linear(3, 2)
+    loop = SimpleNamespace(model=model, accelerator=SimpleNamespace(unwrap_model=lambda m: m))
+    averaging = WeightAveraging(decay=0.9)
+    averaging.on_train_begin(loop)
+    with torch.no_grad():  # what a checkpoint's restore does after the callbacks before it began
+        model.weight.fill_(7.0)
+    averaging.on_epoch_begin(loop, 1)
+    assert torch.equal(averaging.average.module.weight, model.weight)
+
+
 def test_head_first_starts_fine_tuning_from_the_fitted_probe(tiny_bert_dir, keyword_data, tmp_path):
     # a learning rate too small to move anything: what the run ends with is where fine-tuning started
     still = {"epochs": 1, "lr": 1e-12, "warmup_ratio": 0.0}

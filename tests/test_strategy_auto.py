@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -16,7 +17,9 @@ from hf_transfer.ladder import run_ladder
 from hf_transfer.ladder.rules import (
     RungResult,
     budget_blocker,
+    continue_blocker,
     estimated_seconds,
+    halve,
     pick_winner,
     tie_tolerance,
 )
@@ -97,6 +100,32 @@ def test_the_winners_folder_is_that_strategys_run(text_auto, tmp_path):
     assert alone["history"] == summary["history"]
 
 
+def test_successive_halving_stops_the_lower_half_and_the_rung_that_goes_on_trains_as_it_would_alone(
+        tiny_bert_dir, keyword_data, tmp_path):
+    from hf_transfer.ladder.search import rung_recipe
+
+    out = tmp_path / "out"
+    recipe = recipe_from_dict(text_recipe(tiny_bert_dir, keyword_data, out, strategy={"name": "auto"},
+                                          training={"epochs": 4, "early_stopping_patience": 4}))
+    search = run_ladder(recipe)["strategy_search"]
+    rungs = {rung["strategy"]: rung for rung in search["rungs"]}
+    tuned = [rungs[name] for name in RUNGS[1:]]
+    # on this data the three tie after epoch 1 (all go on), then full, then lora fall behind partial
+    halted = {rung["strategy"]: rung["epochs"] for rung in tuned if "successive halving" in (rung["halted"] or "")}
+    assert halted == {"full": 2, "lora": 3}, search["rungs"]
+    assert rungs["partial"]["epochs"] == 4 and rungs["partial"]["halted"] is None
+    assert search["winner"] == "partial" and "halving" in search["rules"]
+    assert not list(out.glob("ladder/*/checkpoints"))  # removed once each rung was done
+
+    # partial paused after epochs 1, 2 and 3 and was resumed from its checkpoint each time: its epochs are
+    # exactly those of the same rung run alone, from start to end
+    alone = rung_recipe(recipe, "partial", patience=4)
+    alone = run_training(dataclasses.replace(alone, output=dataclasses.replace(alone.output, dir=str(tmp_path / "alone"))))
+    logged = [json.loads(line) for line in (out / "ladder" / "partial" / "log.jsonl").read_text().splitlines()]
+    assert [record for record in logged if "accuracy" in record] == alone["history"]
+    assert json.loads((out / "metrics.json").read_text())["history"] == alone["history"]
+
+
 def test_a_budget_smaller_than_anything_keeps_the_frozen_head_and_says_so(tiny_bert_dir, keyword_data, tmp_path, capsys):
     from hf_transfer.cli import main
 
@@ -157,6 +186,22 @@ def test_a_tie_within_half_a_validation_example_goes_to_the_cheaper_rung():
     assert pick_winner(chain, tolerance, "accuracy")[0].strategy == "lora"
 
 
+def test_halving_keeps_the_better_half_rounded_up_and_ties_with_the_last_kept():
+    lora, partial, full = trained("lora", 0.80), trained("partial", 0.90), trained("full", 0.85)
+    going_on, stopping = halve([lora, partial, full], tolerance=0.001)
+    assert [r.strategy for r in going_on] == ["partial", "full"] and [r.strategy for r in stopping] == ["lora"]
+    going_on, stopping = halve([partial, full], tolerance=0.001)
+    assert [r.strategy for r in going_on] == ["partial"] and [r.strategy for r in stopping] == ["full"]
+    tied = trained("full", 0.8995)  # within the tolerance of the last one kept: it goes on too
+    assert [r.strategy for r in halve([lora, partial, tied], tolerance=0.001)[0]] == ["partial", "full"]
+    assert halve([lora], tolerance=0.001) == ([lora], [])
+    # one more epoch must fit what is left of the budget, at the rung's own seconds per epoch (10 s here)
+    rung = trained("full", 0.9, seconds=20.0, epochs=2)
+    assert continue_blocker(rung, spent=50.0, budget=None) is None
+    assert continue_blocker(rung, spent=50.0, budget=60.0) is None
+    assert "one more epoch (10.0 s) would end past it" in continue_blocker(rung, spent=50.5, budget=60.0)
+
+
 def test_a_rung_that_would_not_fit_the_budget_is_skipped_by_the_stated_estimate():
     frozen = RungResult("freeze_backbone", "trained", score=0.8, epochs=1, seconds=4.0, pass_seconds=1.0)
     # the frozen rung again (build, head fit) + 3 epochs x 3 forward passes' work
@@ -193,6 +238,15 @@ def test_the_deadline_stops_a_rung_after_the_epoch_past_which_the_next_would_not
     near.on_epoch_end(stopped, {})
     assert not running.stop and far.stopped_at is None
     assert stopped.stop and near.stopped_at == 1
+
+    # a resumed run: the three epochs of its history from before do not shorten the mean of the one run here
+    resumed = Deadline(time.perf_counter() + 0.05)
+    resumed.on_train_begin(None)
+    resumed.on_epoch_begin(loop(3), 3)
+    time.sleep(0.03)
+    late = loop(4)
+    resumed.on_epoch_end(late, {})
+    assert late.stop and resumed.stopped_at == 4
 
 
 def test_recipes_that_auto_cannot_serve_are_refused_before_anything_runs(tiny_bert_dir, keyword_data, tmp_path):

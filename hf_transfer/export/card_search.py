@@ -13,7 +13,9 @@ def _score(value: float | None) -> str:
 def _result(rung: dict[str, Any]) -> str:
     if rung["status"] != "trained":  # an error's message on one line, its pipes escaped: one table cell
         return f"{rung['status']}: " + " ".join(str(rung["reason"]).split()).replace("|", "\\|")
-    notes = ["stopped early" if rung["stopped_early"] else "", "stopped by the time budget" if rung["stopped_by_budget"] else ""]
+    notes = ["stopped early" if rung["stopped_early"] else "",
+             "stopped by the time budget" if rung["stopped_by_budget"] and not rung.get("halted") else "",
+             rung.get("halted") or ""]
     return ", ".join(["trained", *filter(None, notes)])
 
 
@@ -27,7 +29,7 @@ def search_section(summary: dict[str, Any]) -> dict[str, Any] | None:
         f"`strategy.name: auto` tried the ladder {', '.join(search['rules']['order'])} (cheapest first) with {budget} "
         f"and early stopping after {search['early_stopping_patience']} epoch(s) without a better {search['metric']}, "
         f"in {search['seconds']:.1f} s{'; the budget was exceeded' if search['budget_exceeded'] else ''}. "
-        f"The winner: {search['rules']['tie']}."
+        f"{search['rules']['halving'][0].upper()}{search['rules']['halving'][1:]}. The winner: {search['rules']['tie']}."
     )
     rows = [
         {"strategy": rung["strategy"], "result": _result(rung), "accuracy": _score(rung["accuracy"]),

@@ -6,10 +6,16 @@ solver (one pass over the data), LoRA (every example forward and backward, few w
 a small adapter saved), partial fine-tuning (the top blocks), full fine-tuning (every weight).
 Gradual unfreezing is left out: it costs what full fine-tuning costs and, in the ladder, would
 only repeat partial and full in one run.
+
+The fine-tuning rungs share the epochs by successive halving (Jamieson and Talwalkar, 2016, the
+inner loop of Hyperband): each trains one epoch, then the better half goes on for another, and so
+on until one is left, which trains to the end. A rung's best score can only rise as it goes on, so
+the rungs dropped can only win a tie, and the search costs about half of running every rung in full.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -34,15 +40,21 @@ LORA_RULE = f"the lora rung trains at {LORA_LR_SCALE:g}x training.lr (and traini
 
 TIE_RULE = (f"the best {{metric}}, and among the rungs within {TIE_EXAMPLES:g} of a validation example's worth of it "
             f"({TIE_EXAMPLES:g} / validation examples) the cheapest, i.e. the earliest in the ladder")
+HALVING_RULE = (
+    "the fine-tuning rungs train their first epoch in turn, cheapest first; then, round after round, the better "
+    "half of the rungs still training (rounded up, with any rung tied with the last one kept) by the best {metric} "
+    "so far trains one epoch more, resumed from its checkpoint as if it had not stopped, and the others stop; the "
+    "last one left trains to training.epochs. A rung that stops early stops for good"
+)
 BUDGET_RULE = (
-    "the frozen rung always runs. A later rung is skipped when the seconds spent so far plus its estimate exceed "
-    "training.time_budget; the estimate is training.epochs x the seconds per epoch of the last fine-tuning rung "
-    "(its whole time, task build included, over the epochs it ran), or, before any, the frozen rung's seconds (a "
-    "fine-tuning rung builds its task too, and with strategy.head_first fits its head first: an over-estimate "
-    "without it) + training.epochs x {FORWARD_PASSES_PER_EPOCH} "
-    "x the seconds of the frozen rung's pass over the data (forward and backward: about three forward passes); "
-    "no estimate when the frozen features came from the cache (the rung starts). A running rung stops after an "
-    "epoch when one more epoch, at its mean epoch time, would end past the budget"
+    "the frozen rung always runs. A fine-tuning rung does not start when the seconds spent so far plus its "
+    "estimated first epoch exceed training.time_budget; the estimate is the seconds per epoch of the last "
+    "fine-tuning rung (its whole time, task build included, over the epochs it ran), or, before any, the frozen "
+    "rung's seconds (a fine-tuning rung builds its task too, and with strategy.head_first fits its head first: an "
+    f"over-estimate without it) + {FORWARD_PASSES_PER_EPOCH} x the seconds of the frozen rung's pass over the data "
+    "(forward and backward: about three forward passes); no estimate when the frozen features came from the cache "
+    "(the rung starts). A rung does not go on to a further epoch that, at its own seconds per epoch, would end past "
+    "the budget, and a running rung stops after an epoch when one more, at its mean epoch time, would"
 )
 
 
@@ -98,6 +110,7 @@ class RungResult:
     trainable_parameters: int | None = None
     # the seconds of one forward pass over both splits (what the frozen rung measures; None: not measured)
     pass_seconds: float | None = None
+    halted: str | None = None  # why a fine-tuning rung stopped before training.epochs, other than early stopping
 
     def as_record(self) -> dict[str, Any]:
         rounded = {k: round(v, 2) if v is not None else None for k, v in (("seconds", self.seconds),
@@ -131,6 +144,25 @@ def estimated_seconds(results: Sequence[RungResult], epochs: int) -> tuple[float
     estimate = frozen.seconds + epochs * FORWARD_PASSES_PER_EPOCH * frozen.pass_seconds
     return estimate, (f"the frozen rung's {frozen.seconds:.1f} s + {epochs} epochs x {FORWARD_PASSES_PER_EPOCH} x "
                       f"{frozen.pass_seconds:.1f} s per pass over the data")
+
+
+def halve(training: Sequence[RungResult], tolerance: float) -> tuple[list[RungResult], list[RungResult]]:
+    """The rungs still training that go on after a round, and those that stop (HALVING_RULE): the better half
+    by score, rounded up, and any rung within `tolerance` of the last one kept. Both lists keep ladder order."""
+    ranked = sorted(training, key=lambda r: -r.score)  # stable: among equal scores the cheaper rung ranks first
+    cut = ranked[math.ceil(len(ranked) / 2) - 1].score - tolerance
+    return [r for r in training if r.score >= cut], [r for r in training if r.score < cut]
+
+
+def continue_blocker(rung: RungResult, spent: float, budget: float | None) -> str | None:
+    """Why a rung that won its round does not train one epoch more within the time budget, or None."""
+    if budget is None:
+        return None
+    per_epoch = rung.seconds / max(rung.epochs, 1)
+    if spent + per_epoch > budget:
+        return (f"stopped after epoch {rung.epochs} by the time budget: one more epoch ({per_epoch:.1f} s) would end "
+                f"past it ({budget - spent:.1f} s of {budget:g} s left)")
+    return None
 
 
 def budget_blocker(results: Sequence[RungResult], epochs: int, spent: float, budget: float | None) -> str | None:

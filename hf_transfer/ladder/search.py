@@ -2,8 +2,12 @@
 
 Each rung is the run its strategy would be on its own (run.py's pieces: the task built afresh from
 the pretrained weights, seeded the same, the frozen-feature cache and the head fitted first where
-they apply), with early stopping and without checkpoints; its log goes to OUTPUT/ladder/<strategy>/.
-Rungs that can still win keep their trained model in memory (on the CPU); the others are dropped.
+they apply), with early stopping; its log goes to OUTPUT/ladder/<strategy>/. The fine-tuning rungs
+share the epochs by successive halving (rules.HALVING_RULE): a rung that pauses writes a checkpoint
+into OUTPUT/ladder/<strategy>/checkpoints/, and one that goes on is built again and resumed from it,
+so it trains exactly as it would have without the pause (training/checkpoint.py); the checkpoints
+are removed once the rung is done. Rungs that can still win keep their trained model in memory (on
+the CPU); the others are dropped.
 The output folder then holds the winner's files as if its strategy had been named (recipe.yaml
 names it), and metrics.json and the card say what was tried, what each rung reached, which were
 skipped and why, and why the winner won.
@@ -29,6 +33,7 @@ from hf_transfer.export.folder import write_text
 from hf_transfer.export.layout import LOG_FILE, RECIPE_FILE
 from hf_transfer.ladder.rules import (
     BUDGET_RULE,
+    HALVING_RULE,
     LADDER,
     LADDER_PATIENCE,
     LORA_LR_SCALE,
@@ -36,6 +41,8 @@ from hf_transfer.ladder.rules import (
     TIE_RULE,
     RungResult,
     budget_blocker,
+    continue_blocker,
+    halve,
     pass_seconds,
     pick_winner,
     still_in_the_running,
@@ -55,8 +62,10 @@ from hf_transfer.run import (
 )
 from hf_transfer.sources.base import TransferModel
 from hf_transfer.tasks import task_builder
-from hf_transfer.training.callbacks import Deadline, recipe_callbacks
+from hf_transfer.training.callbacks import Checkpointing, Deadline, recipe_callbacks
+from hf_transfer.training.checkpoint import CHECKPOINTS_DIR, Checkpointer, list_checkpoints
 from hf_transfer.training.loop import train
+from hf_transfer.training.state import Loop
 
 LADDER_DIR = "ladder"  # OUTPUT/ladder/<strategy>/log.jsonl: each rung's log; OUTPUT/ladder/recipe.yaml: the search's recipe
 
@@ -69,6 +78,26 @@ class Trained:
     save: Callable[[Path], None]
     card: str
     summary: dict[str, Any]
+
+
+class Pause(Checkpointing):
+    """A fine-tuning rung's checkpoints: it restores a rung that goes on, and after `epoch` epochs (None: never)
+    it saves one and stops the rung, for successive halving. Last among the callbacks, so the epoch rule and
+    early stopping have spoken, and a rung they stop is done rather than paused."""
+
+    def __init__(self, checkpoints: Checkpointer, epoch: int | None):
+        super().__init__(checkpoints)
+        self.epoch = epoch
+        self.paused = False
+
+    def on_update(self, loop: Loop, end_of_epoch: bool) -> None:
+        pass  # a pause falls between epochs
+
+    def on_epoch_end(self, loop: Loop, metrics: dict[str, Any]) -> None:
+        epochs = len(loop.state.history)
+        if self.epoch is not None and epochs >= self.epoch and epochs < loop.config.epochs and not loop.stop:
+            super().on_epoch_end(loop, metrics)
+            self.paused = loop.stop = True
 
 
 def rung_recipe(recipe: Recipe, strategy: str, patience: int) -> Recipe:
@@ -100,6 +129,8 @@ class Ladder:
         self.started = time.perf_counter()
         self.results: list[RungResult] = []
         self.kept: dict[str, Trained] = {}
+        self.paused: set[str] = set()  # fine-tuning rungs with a checkpoint to go on from (successive halving)
+        self.failure = ""  # why the last rung that failed did
         self.blocked: dict[str, str | None] | None = None  # each rung's blocker, read on the frozen rung's model
         self.validation_examples = 0
         self.folder_started = False
@@ -131,12 +162,14 @@ class Ladder:
             return None  # the frozen rung always runs
         reason = self.blocked[strategy]
         if reason is None:
-            reason = budget_blocker(self.results, self.recipe.training.epochs, self.spent(), self.budget)
+            reason = budget_blocker(self.results, 1, self.spent(), self.budget)  # a rung's first round: one epoch
         return agreed(reason)
 
-    def train_rung(self, strategy: str) -> RungResult:
+    def train_rung(self, strategy: str, until: int | None, earlier: RungResult | None = None) -> RungResult:
+        """Train a rung from its start, or from where `earlier` paused, until epoch `until` (None: the end)."""
         recipe, accelerator = rung_recipe(self.recipe, strategy, self.patience), self.accelerator
         started = time.perf_counter()
+        accelerator.free_memory()  # a checkpoint saves what the accelerator holds: this rung's objects only
         task, parameters = build_task(recipe, accelerator)
         plan_started = time.perf_counter()
         plan = training_plan(recipe, task, accelerator)  # the frozen rung: its features computed (or read) here
@@ -148,23 +181,63 @@ class Ladder:
             self.rung_dir(strategy).mkdir(exist_ok=True)
         callbacks = recipe_callbacks(recipe.training, plan)
         deadline = Deadline(self.started + self.budget) if self.budget is not None else None
+        callbacks += [deadline] if deadline else []
+        pause = None
+        if plan.trainer is None and (until is not None or earlier is not None):  # a loop that pauses or goes on
+            resume_from = list_checkpoints(self.rung_dir(strategy) / CHECKPOINTS_DIR)[-1] if earlier else None
+            checkpoints = Checkpointer(self.rung_dir(strategy), accelerator, recipe.to_dict(), resume_from=resume_from)
+            callbacks.append(pause := Pause(checkpoints, until))
         trainer = plan.trainer or train  # the loop, or the solver that fits the frozen head
-        result = trainer(plan, recipe.training, accelerator, self.rung_dir(strategy),
-                         callbacks + ([deadline] if deadline else []))
+        result = trainer(plan, recipe.training, accelerator, self.rung_dir(strategy), callbacks)
         summary = run_summary(recipe, task, plan, parameters, result, accelerator, None)
-        seconds = agreed(time.perf_counter() - started)
+        seconds = agreed(time.perf_counter() - started) + (earlier.seconds if earlier else 0.0)
         self.validation_examples = result.best_metrics["num_samples"]
         task.model.to("cpu")  # a rung kept for the end waits off the accelerator
         self.kept[strategy] = Trained(recipe, plan.save, plan.card, summary)
+        if pause and pause.paused:
+            self.paused.add(strategy)
+        else:
+            self.paused.discard(strategy)
+            self.remove_checkpoints(strategy)
         return RungResult(
             strategy, "trained", accuracy=result.best_metrics["accuracy"], f1_macro=result.best_metrics["f1_macro"],
             score=result.best_metrics[recipe.training.metric_for_best], best_epoch=result.best_epoch,
             epochs=len(result.history), seconds=seconds, stopped_early=result.stopped_early,
             stopped_by_budget=bool(deadline and deadline.stopped_at), trainable_parameters=parameters[0],
-            pass_seconds=agreed(pass_seconds(summary, plan_seconds)),
+            pass_seconds=agreed(pass_seconds(summary, plan_seconds)) if earlier is None else earlier.pass_seconds,
         )
 
+    def remove_checkpoints(self, strategy: str) -> None:
+        if self.accelerator.is_main_process:
+            shutil.rmtree(self.rung_dir(strategy) / CHECKPOINTS_DIR, ignore_errors=True)
+
+    def attempt(self, strategy: str, until: int | None, earlier: RungResult | None = None) -> RungResult | None:
+        """Train a rung (train_rung); a rung that does not fit fails alone, and None is returned."""
+        try:
+            return self.train_rung(strategy, until, earlier)
+        except (HfTransferError, torch.OutOfMemoryError) as error:
+            if strategy == LADDER[0].strategy:
+                raise  # the frozen rung failing is the data's or the model's fault: every rung would
+            # a costlier rung that does not fit loses only itself: the cheaper rungs' models are kept
+            why = str(error) if isinstance(error, HfTransferError) else (
+                "out of memory: a smaller training.batch_size (or batch_size auto) would fit")
+            say(self.accelerator, f"strategy auto: {strategy} failed: {why}")
+            self.failure = why
+        # outside the except block: there the error's traceback still holds the failed rung's model
+        self.paused.discard(strategy)
+        self.remove_checkpoints(strategy)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return None
+
+    def report(self, outcome: RungResult) -> None:
+        say(self.accelerator, f"strategy auto: {outcome.strategy} reached {self.recipe.training.metric_for_best} "
+                              f"{outcome.score:.4f} (epoch {outcome.best_epoch} of {outcome.epochs}) in "
+                              f"{outcome.seconds:.1f} s")
+
     def run(self) -> None:
+        """The frozen rung, then every fine-tuning rung's first epoch, then the rounds of successive halving."""
+        first_round = 1 if self.recipe.training.epochs > 1 else None
         for number, rung in enumerate(LADDER, 1):
             reason = self.skip_reason(rung.strategy)
             if reason is not None:
@@ -172,24 +245,36 @@ class Ladder:
                 say(self.accelerator, f"strategy auto: {rung.strategy} skipped: {reason}")
                 continue
             say(self.accelerator, f"strategy auto: rung {number} of {len(LADDER)}, {rung.strategy}")
-            try:
-                outcome = self.train_rung(rung.strategy)
-            except (HfTransferError, torch.OutOfMemoryError) as error:
-                if number == 1:
-                    raise  # the frozen rung failing is the data's or the model's fault: every rung would
-                # a costlier rung that does not fit loses only itself: the cheaper rungs' models are kept
-                why = str(error) if isinstance(error, HfTransferError) else (
-                    "out of memory: a smaller training.batch_size (or batch_size auto) would fit")
-                outcome = RungResult(rung.strategy, "failed", why)
-                say(self.accelerator, f"strategy auto: {rung.strategy} failed: {why}")
-            if outcome.status == "failed" and torch.cuda.is_available():
-                # outside the except block: there the error's traceback still holds the failed rung's model
-                torch.cuda.empty_cache()
-            self.results.append(outcome)
-            if outcome.status == "trained":
-                say(self.accelerator, f"strategy auto: {rung.strategy} reached {self.recipe.training.metric_for_best} "
-                                      f"{outcome.score:.4f} (epoch {outcome.best_epoch} of {outcome.epochs}) in "
-                                      f"{outcome.seconds:.1f} s")
+            outcome = self.attempt(rung.strategy, first_round if number > 1 else None)
+            self.results.append(outcome or RungResult(rung.strategy, "failed", self.failure))
+            if outcome:
+                self.report(outcome)
+            self.drop_losers()
+        epoch = 1
+        while self.paused:
+            training = [r for r in self.results if r.strategy in self.paused]
+            going_on, stopping = halve(training, self.tolerance())
+            for result in stopping:
+                result.halted = (f"stopped after epoch {epoch} by successive halving: in the lower half of the "
+                                 f"{len(training)} rungs still training")
+                say(self.accelerator, f"strategy auto: {result.strategy} {result.halted}")
+                self.paused.discard(result.strategy)
+                self.remove_checkpoints(result.strategy)
+            epoch += 1
+            for result in going_on:
+                reason = agreed(continue_blocker(result, self.spent(), self.budget))
+                if reason is None:
+                    say(self.accelerator, f"strategy auto: {result.strategy} goes on to epoch {epoch}")
+                    outcome = self.attempt(result.strategy, epoch if len(going_on) > 1 else None, result)
+                    reason = None if outcome else f"stopped after epoch {result.epochs}: {self.failure}"
+                if reason is None:
+                    self.results[self.results.index(result)] = outcome
+                    self.report(outcome)
+                    continue
+                result.halted, result.stopped_by_budget = reason, "time budget" in reason
+                say(self.accelerator, f"strategy auto: {result.strategy} {reason}")
+                self.paused.discard(result.strategy)
+                self.remove_checkpoints(result.strategy)
             self.drop_losers()
 
     def tolerance(self) -> float:
@@ -218,7 +303,7 @@ class Ladder:
             "early_stopping_patience": self.patience,
             "tie_tolerance": self.tolerance(),
             "rules": {"order": [rung.strategy for rung in LADDER], "tie": TIE_RULE.format(metric=metric),
-                      "budget": BUDGET_RULE, "lora_lr": LORA_RULE},
+                      "halving": HALVING_RULE.format(metric=metric), "budget": BUDGET_RULE, "lora_lr": LORA_RULE},
         }
 
 

@@ -65,22 +65,28 @@ class Deadline(Callback):
     """Stop after the epoch past which one more epoch, as long as this run's epochs have taken on average,
     would end after `deadline` (a `time.perf_counter()` value): the rest of a time budget is kept.
 
-    The main process's clock decides, so every process stops at the same epoch.
+    The main process's clock decides, so every process stops at the same epoch. Only the epochs run since
+    training began here count towards the mean (a resumed run's history holds earlier ones too).
     """
 
     def __init__(self, deadline: float):
         self.deadline = deadline
         self.started: float | None = None
+        self.epochs_before: int | None = None  # epochs in the history when the first epoch here began
         self.stopped_at: int | None = None  # the epoch after which the deadline stopped training
 
     def on_train_begin(self, loop: Loop) -> None:
         self.started = time.perf_counter()
 
+    def on_epoch_begin(self, loop: Loop, epoch: int) -> None:
+        if self.epochs_before is None:  # after every on_train_begin, so a resumed run's history is restored
+            self.epochs_before = len(loop.state.history)
+
     def on_epoch_end(self, loop: Loop, metrics: dict[str, Any]) -> None:
         from accelerate.utils import broadcast_object_list
 
         now, epochs = time.perf_counter(), len(loop.state.history)
-        late = [now + (now - self.started) / max(epochs, 1) > self.deadline]
+        late = [now + (now - self.started) / max(epochs - (self.epochs_before or 0), 1) > self.deadline]
         if broadcast_object_list(late)[0] and epochs < loop.config.epochs and not loop.stop:
             say(loop.accelerator, f"time budget: one more epoch would not fit; stopping after epoch {epochs}")
             self.stopped_at, loop.stop = epochs, True
@@ -92,7 +98,8 @@ class WeightAveraging(Callback):
 
     The average is swapped in after the epoch's last update (before the evaluation) and swapped out
     at the epoch's end, after the epoch rule stored what it keeps and before a checkpoint stores the
-    live weights. A resumed run starts a fresh average from the resumed weights.
+    live weights. A resumed run starts a fresh average from the resumed weights: the average is made when
+    the first epoch begins, after every callback's on_train_begin (the checkpoint's restore among them).
     """
 
     cuda_graphs_blocker = "the averaged weights are swapped in for each evaluation"
@@ -105,10 +112,11 @@ class WeightAveraging(Callback):
     def _model(self, loop: Loop):
         return loop.accelerator.unwrap_model(loop.model)
 
-    def on_train_begin(self, loop: Loop) -> None:
+    def on_epoch_begin(self, loop: Loop, epoch: int) -> None:
         from timm.utils import ModelEmaV3
 
-        self.average = ModelEmaV3(self._model(loop), decay=self.decay, use_warmup=True)
+        if self.average is None:
+            self.average = ModelEmaV3(self._model(loop), decay=self.decay, use_warmup=True)
 
     def on_update(self, loop: Loop, end_of_epoch: bool) -> None:
         model = self._model(loop)
