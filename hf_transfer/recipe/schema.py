@@ -94,7 +94,8 @@ class StrategyConfig:
     name: Literal["full", "freeze_backbone", "partial", "gradual_unfreeze", "lora", "auto"] = _f(
         "full", "Which parameters train: everything, only the head, the top blocks, blocks unfrozen over epochs, or LoRA. "
         "auto: a search, cheapest first (freeze_backbone with the solver, lora where the source has default LoRA "
-        "targets, partial, full), each rung with early stopping within training.time_budget; the best by "
+        "targets, partial, full), each rung with early stopping within training.time_budget, the fine-tuning rungs "
+        "sharing the epochs by successive halving (the better half goes on after each epoch); the best by "
         "training.metric_for_best is saved, a tie (within half a validation example) going to the cheaper rung."
     )
     trainable_blocks: int = _f(2, "partial: how many of the top backbone blocks train with the head.", at_least=1)
