@@ -250,32 +250,41 @@ class Ladder:
             if outcome:
                 self.report(outcome)
             self.drop_losers()
-        epoch = 1
+        epochs_done = 1
         while self.paused:
-            training = [r for r in self.results if r.strategy in self.paused]
-            going_on, stopping = halve(training, self.tolerance())
-            for result in stopping:
-                result.halted = (f"stopped after epoch {epoch} by successive halving: in the lower half of the "
-                                 f"{len(training)} rungs still training")
-                say(self.accelerator, f"strategy auto: {result.strategy} {result.halted}")
-                self.paused.discard(result.strategy)
-                self.remove_checkpoints(result.strategy)
-            epoch += 1
-            for result in going_on:
-                reason = agreed(continue_blocker(result, self.spent(), self.budget))
-                if reason is None:
-                    say(self.accelerator, f"strategy auto: {result.strategy} goes on to epoch {epoch}")
-                    outcome = self.attempt(result.strategy, epoch if len(going_on) > 1 else None, result)
-                    reason = None if outcome else f"stopped after epoch {result.epochs}: {self.failure}"
-                if reason is None:
-                    self.results[self.results.index(result)] = outcome
-                    self.report(outcome)
-                    continue
-                result.halted, result.stopped_by_budget = reason, "time budget" in reason
-                say(self.accelerator, f"strategy auto: {result.strategy} {reason}")
-                self.paused.discard(result.strategy)
-                self.remove_checkpoints(result.strategy)
-            self.drop_losers()
+            self.halving_round(epochs_done)
+            epochs_done += 1
+
+    def halving_round(self, epochs_done: int) -> None:
+        """The better half of the paused rungs trains one epoch more (the last one left: to the end)."""
+        training = [r for r in self.results if r.strategy in self.paused]
+        going_on, stopping = halve(training, self.tolerance())
+        for result in stopping:
+            self.stop(result, f"stopped after epoch {epochs_done} by successive halving: in the lower half of the "
+                              f"{len(training)} rungs still training")
+        for result in going_on:
+            self.go_on(result, until=epochs_done + 1 if len(going_on) > 1 else None)
+        self.drop_losers()
+
+    def go_on(self, result: RungResult, until: int | None) -> None:
+        """Resume a paused rung, within the budget; its result replaces the one it paused with."""
+        reason = agreed(continue_blocker(result, self.spent(), self.budget))
+        if reason is not None:
+            result.stopped_by_budget = True
+            return self.stop(result, reason)
+        say(self.accelerator, f"strategy auto: {result.strategy} goes on to epoch {until or self.recipe.training.epochs}")
+        outcome = self.attempt(result.strategy, until, result)
+        if outcome is None:  # it keeps what it reached before
+            return self.stop(result, f"stopped after epoch {result.epochs}: {self.failure}")
+        self.results[self.results.index(result)] = outcome
+        self.report(outcome)
+
+    def stop(self, result: RungResult, why: str) -> None:
+        """A paused rung stops for good: its result stands, its checkpoint goes."""
+        result.halted = why
+        say(self.accelerator, f"strategy auto: {result.strategy} {why}")
+        self.paused.discard(result.strategy)
+        self.remove_checkpoints(result.strategy)
 
     def tolerance(self) -> float:
         return tie_tolerance(self.validation_examples)
