@@ -12,6 +12,7 @@ import torch
 from transformers import WhisperForConditionalGeneration
 
 from hf_transfer.errors import HfTransferError
+from hf_transfer.recipe import DataConfig
 from hf_transfer.sources import packaged_speech
 from hf_transfer.sources.ctranslate2_whisper import convert_whisper, read_ctranslate2
 from hf_transfer.sources.offline import OFFLINE_SPEECH_MODELS, offline_speech_model_dir
@@ -231,11 +232,27 @@ def test_evaluate_scores_an_audio_folder(trained_audio, tones: Path):
     assert result.metrics["num_samples"] == 12
 
 
+def test_ffmpeg_missing_is_one_clear_error_not_every_file_undecodable(tmp_path: Path, monkeypatch):
+    import torchcodec.decoders
+
+    from hf_transfer.data.audio import load_audio_splits
+
+    class NoFFmpeg(torchcodec.decoders.AudioDecoder):  # a class: datasets checks isinstance against it
+        def __init__(self, source):
+            raise RuntimeError("Could not load libtorchcodec. Likely causes:\n 1. FFmpeg is not properly installed")
+
+    monkeypatch.setattr(torchcodec.decoders, "AudioDecoder", NoFFmpeg)
+    folder = write_tone_folder(tmp_path / "tones", train=2, val=1)
+    config = DataConfig(path=str(folder))
+    with pytest.raises(HfTransferError, match=r"Decoding audio needs torchcodec with FFmpeg \(RuntimeError: Could not "
+                                              r"load libtorchcodec\. Likely causes:\)\. Run: pip install .*apt-get install ffmpeg"):
+        load_audio_splits(config, 0, 16000, 30.0)
+
+
 def test_unusable_audio_is_skipped_and_listed_and_resampling_and_cutting_said(tmp_path: Path, caplog):
     import logging
 
     from hf_transfer.data.audio import load_audio_splits
-    from hf_transfer.recipe import DataConfig
 
     root = write_tone_folder(tmp_path / "tones", train=3, val=2)
     rng = np.random.default_rng(1)

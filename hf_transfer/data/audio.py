@@ -43,14 +43,25 @@ DEFAULT_WINDOW_SECONDS = 30.0  # what an extractor without a fixed window (wav2v
 INSTALL_AUDIO = "pip install 'hf-transfer-learning[speech]'  (torchcodec, which needs FFmpeg's libraries: apt-get install ffmpeg)"
 
 
+def _decoding_unavailable(error: Exception) -> HfTransferError:
+    return HfTransferError(f"Decoding audio needs torchcodec with FFmpeg ({type(error).__name__}: "
+                           f"{str(error).splitlines()[0][:200]}). Run: {INSTALL_AUDIO}")
+
+
 def audio_decoder(source: str | bytes):
     """torchcodec's decoder for a file path or its bytes, or one clear error when torchcodec cannot load."""
     try:
         from torchcodec.decoders import AudioDecoder
-    except (ImportError, RuntimeError, OSError) as error:  # torchcodec raises RuntimeError when FFmpeg is missing
-        raise HfTransferError(f"Decoding audio needs torchcodec with FFmpeg ({type(error).__name__}: "
-                              f"{str(error).splitlines()[0][:200]}). Run: {INSTALL_AUDIO}") from None
-    return AudioDecoder(source)
+    except (ImportError, RuntimeError, OSError) as error:  # some torchcodec versions fail here without FFmpeg
+        raise _decoding_unavailable(error) from None
+    try:
+        return AudioDecoder(source)
+    except RuntimeError as error:
+        # torchcodec 0.7+ loads FFmpeg's libraries with the first decoder; without them every file would
+        # look undecodable, so this is the installation's fault, said once, not the data's
+        if str(error).startswith("Could not load libtorchcodec"):
+            raise _decoding_unavailable(error) from None
+        raise
 
 
 def decode_mono(value: dict[str, Any] | str | Path, sampling_rate: int) -> np.ndarray:
