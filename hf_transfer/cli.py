@@ -97,6 +97,8 @@ def rank_command(args: argparse.Namespace) -> None:
     if ranking["winner"] is not None:  # the features are cached: this train run computes none again
         frozen = ["strategy.name=freeze_backbone"] + (["strategy.head_first=false"] if recipe.strategy.head_first is True else [])
         frozen += ["training.time_budget=null"] if recipe.training.time_budget is not None else []
+        # the precision rank computed in (a frozen run's auto would pick fp32): the cache keys carry it
+        frozen += [f"training.mixed_precision={ranking['mixed_precision']}"] if ranking["mixed_precision"] != "no" else []
         settings = [*args.overrides, f"model.name={ranking['winner']}", *frozen,
                     f"training.feature_cache_dir={ranking['feature_cache_dir']}"]
         print("train it: " + shlex.join(["hf-transfer", "train", "--recipe", args.recipe, "--set", *settings]))

@@ -4,6 +4,7 @@ models built from configs (a ranking written, a winner named, the features left 
 from __future__ import annotations
 
 import json
+import shlex
 import typing
 from pathlib import Path
 
@@ -139,8 +140,8 @@ def test_rank_scores_both_models_names_a_winner_and_leaves_its_features_for_trai
     # solver's validation accuracy is the probe accuracy rank reported
     winner = ranking["winner"]
     run = tmp_path / "run"
-    assert main(["train", "--recipe", str(recipe), "--output-dir", str(run), "--set", f"model.name={winner}",
-                 "strategy.name=freeze_backbone", f"training.feature_cache_dir={ranking['feature_cache_dir']}"]) == 0
+    hint = next(line for line in printed.splitlines() if line.startswith("train it: hf-transfer "))
+    assert main([*shlex.split(hint.removeprefix("train it: hf-transfer ")), "--output-dir", str(run)]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["feature_cache"] == {"hits": ["validation", "train"], "computed": []}
     assert metrics["eval"]["accuracy"] == pytest.approx(rows[winner]["probe_accuracy"])

@@ -162,8 +162,11 @@ def rank_models(recipe: Recipe, candidates: list[str] | None = None, output_dir:
     output_dir = Path(output_dir) if output_dir is not None else default_output_dir(recipe)
     recipes = [candidate_recipe(recipe, name, output_dir) for name in names]
     check_output_dir(output_dir, overwrite)
-    # the precision a frozen `train` runs in, which the cache keys carry
-    precision = resolve_mixed_precision(recipe.training.mixed_precision, trains_backbone=False, task=recipe.task)
+    # the precision fine-tuning the candidates would run in: ranking is worth its cost only as a small share
+    # of fine-tuning them, and fp32 features on a CPU whose fine-tuning runs bf16 cost 2.2x the time for the
+    # same scores (SST-2 sample, three text candidates: BENCHMARKS.md, issue 12). The cache keys carry it,
+    # and the `train it` hint names it, so the frozen run it suggests reads these very features
+    precision = resolve_mixed_precision(recipe.training.mixed_precision, trains_backbone=True, task=recipe.task)
     accelerator = Accelerator(mixed_precision=precision)
     if not hub_is_offline() and use_offline_mode_if_hub_unreachable():
         say(accelerator, "The Hugging Face Hub is out of reach: using local files and packaged models only.")
@@ -183,7 +186,8 @@ def rank_models(recipe: Recipe, candidates: list[str] | None = None, output_dir:
         "recipe": recipe.name, "task": recipe.task, "score": score,
         "rule": f"the highest {SCORES[score].title} (rank.score {score})",
         "winner": ranked[0]["model"] if ranked[0]["rank"] is not None else None,
-        "feature_cache_dir": str(feature_cache_dir(recipes[0])), "candidates": ranked,
+        "feature_cache_dir": str(feature_cache_dir(recipes[0])), "mixed_precision": accelerator.mixed_precision,
+        "candidates": ranked,
     }
     create_output_dir(output_dir)
     write_json(output_dir / RANKING_FILE, record)

@@ -10,7 +10,8 @@
 Why bf16 on AMX CPUs: MiniLM fine-tuning ran 1.4-1.6x faster under bf16 autocast here, at the same
 dev accuracy on two text sets and two seeds (BENCHMARKS.md, issue 14). Why not for a frozen
 backbone: its cost is one pass that the feature cache keeps, so bf16 saves little there, and the
-rounded features cost the solver's head an image on hymenoptera (94.1% vs 94.8%). fp16 is never
+rounded features cost the solver's head an image on hymenoptera (94.1% vs 94.8%). `rank` resolves as
+fine-tuning would (selection/rank.py): its cost is measured against fine-tuning the candidates. fp16 is never
 picked for the user: it needs loss scaling and a GPU. Why text only on a CPU: EfficientNet-Lite0
 fine-tuning was no faster in bf16 there (260 s vs 255 s on hymenoptera, 188 s vs 165 s on PACS cartoon:
 depthwise convolutions, not matrix products) and its last epoch moved +0.6 / -2.4 points; audio and
@@ -48,7 +49,7 @@ def resolve_mixed_precision(
     """The value for `Accelerator(mixed_precision=...)`; None lets Accelerate read its config.
 
     `trains_backbone`: whether the run steps through backbone weights (fine-tuning), or only reads
-    frozen features (a frozen backbone, ranking), which auto keeps in fp32. `task`: the recipe's task.
+    frozen features (a frozen backbone), which auto keeps in fp32. `task`: the recipe's task.
 
     `device_type`: where the run computes ("cuda", "cpu"); by default CUDA when a GPU is visible and
     the launcher did not ask for the CPU, as Accelerate decides."""
