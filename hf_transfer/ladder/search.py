@@ -322,8 +322,9 @@ def run_ladder(recipe: Recipe, resume: str | None = None) -> dict[str, Any]:
     Returns the winner's metrics record, with `strategy_search` saying what was tried.
     """
     if resume:
-        raise HfTransferError("strategy auto does not resume (its rungs write no checkpoints): run it again without "
-                              "--resume; the frozen-feature cache keeps the features already computed.")
+        raise HfTransferError("strategy auto does not resume (its rungs' checkpoints serve the halving only and are "
+                              "removed as it goes): run it again without --resume; the frozen-feature cache keeps the "
+                              "features already computed.")
     task_builder(recipe)  # an unknown task is refused before anything else
     accelerator = make_accelerator(recipe)
     check_before_writing(recipe, accelerator, None)
