@@ -82,16 +82,14 @@ class Trained:
 
 class Pause(Checkpointing):
     """A fine-tuning rung's checkpoints: it restores a rung that goes on, and after `epoch` epochs (None: never)
-    it saves one and stops the rung, for successive halving. Last among the callbacks, so the epoch rule and
+    it saves one and stops the rung, for successive halving (its Checkpointer has no step interval, so nothing
+    is saved mid-epoch). Last among the callbacks, so the epoch rule and
     early stopping have spoken, and a rung they stop is done rather than paused."""
 
     def __init__(self, checkpoints: Checkpointer, epoch: int | None):
         super().__init__(checkpoints)
         self.epoch = epoch
         self.paused = False
-
-    def on_update(self, loop: Loop, end_of_epoch: bool) -> None:
-        pass  # a pause falls between epochs
 
     def on_epoch_end(self, loop: Loop, metrics: dict[str, Any]) -> None:
         epochs = len(loop.state.history)
@@ -130,7 +128,6 @@ class Ladder:
         self.results: list[RungResult] = []
         self.kept: dict[str, Trained] = {}
         self.paused: set[str] = set()  # fine-tuning rungs with a checkpoint to go on from (successive halving)
-        self.failure = ""  # why the last rung that failed did
         self.blocked: dict[str, str | None] | None = None  # each rung's blocker, read on the frozen rung's model
         self.validation_examples = 0
         self.folder_started = False
@@ -211,8 +208,8 @@ class Ladder:
         if self.accelerator.is_main_process:
             shutil.rmtree(self.rung_dir(strategy) / CHECKPOINTS_DIR, ignore_errors=True)
 
-    def attempt(self, strategy: str, until: int | None, earlier: RungResult | None = None) -> RungResult | None:
-        """Train a rung (train_rung); a rung that does not fit fails alone, and None is returned."""
+    def attempt(self, strategy: str, until: int | None, earlier: RungResult | None = None) -> RungResult:
+        """Train a rung (train_rung); a rung that does not fit fails alone, with status "failed" and the reason."""
         try:
             return self.train_rung(strategy, until, earlier)
         except (HfTransferError, torch.OutOfMemoryError) as error:
@@ -222,13 +219,12 @@ class Ladder:
             why = str(error) if isinstance(error, HfTransferError) else (
                 "out of memory: a smaller training.batch_size (or batch_size auto) would fit")
             say(self.accelerator, f"strategy auto: {strategy} failed: {why}")
-            self.failure = why
         # outside the except block: there the error's traceback still holds the failed rung's model
         self.paused.discard(strategy)
         self.remove_checkpoints(strategy)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        return None
+        return RungResult(strategy, "failed", why)
 
     def report(self, outcome: RungResult) -> None:
         say(self.accelerator, f"strategy auto: {outcome.strategy} reached {self.recipe.training.metric_for_best} "
@@ -246,8 +242,8 @@ class Ladder:
                 continue
             say(self.accelerator, f"strategy auto: rung {number} of {len(LADDER)}, {rung.strategy}")
             outcome = self.attempt(rung.strategy, first_round if number > 1 else None)
-            self.results.append(outcome or RungResult(rung.strategy, "failed", self.failure))
-            if outcome:
+            self.results.append(outcome)
+            if outcome.status == "trained":
                 self.report(outcome)
             self.drop_losers()
         epochs_done = 1
@@ -274,8 +270,8 @@ class Ladder:
             return self.stop(result, reason)
         say(self.accelerator, f"strategy auto: {result.strategy} goes on to epoch {until or self.recipe.training.epochs}")
         outcome = self.attempt(result.strategy, until, result)
-        if outcome is None:  # it keeps what it reached before
-            return self.stop(result, f"stopped after epoch {result.epochs}: {self.failure}")
+        if outcome.status == "failed":  # it keeps what it reached before
+            return self.stop(result, f"stopped after epoch {result.epochs}: {outcome.reason}")
         self.results[self.results.index(result)] = outcome
         self.report(outcome)
 
