@@ -48,6 +48,8 @@ CONFIGS = {
                                    "training.layer_decay=0.75"],
         "full_head_first_mix": [*FINE_TUNE_IMAGES, "strategy.head_first=true", "data.augment.mixup=0.2",
                                 "data.augment.cutmix=1.0"],
+        # WiSE-FT at the paper's middle point: halfway between the fitted probe and the fine-tuned weights
+        "full_head_first_wise": [*FINE_TUNE_IMAGES, "strategy.head_first=true", "training.weight_interpolation=0.5"],
         # issue 14: each precision named explicitly (auto picks bf16 on a CPU with AMX)
         **{f"{strategy}_{precision}": [*settings, f"training.mixed_precision={precision}"]
            for strategy, settings in (("frozen", ["strategy.name=freeze_backbone"]), ("full", FINE_TUNE_IMAGES))
@@ -65,6 +67,7 @@ CONFIGS = {
            for strategy, name in (("frozen", "freeze_backbone"), ("full", "full")) for precision in ("no", "bf16")},
         # issue 11: an average of the weights and layer-wise rate decay (89.2% after one epoch of full SST-2)
         "full_ema_ld": [*FINE_TUNE_TEXT, "strategy.name=full", "training.ema_decay=0.999", "training.layer_decay=0.9"],
+        "full_wise": [*FINE_TUNE_TEXT, "strategy.name=full", "training.weight_interpolation=0.5"],
         "lora": [*FINE_TUNE_TEXT, "strategy.name=lora", "training.lr=5e-4", "strategy.head_first=false"],
         "lora_recipe_lr": [*FINE_TUNE_TEXT, "strategy.name=lora", "strategy.head_first=false"],  # 1e-4, as full
         "lora_head_first": [*FINE_TUNE_TEXT, "strategy.name=lora", "training.lr=5e-4", "strategy.head_first=true"],

@@ -1,4 +1,4 @@
-"""Fine-tuning options: layer-wise learning-rate decay and an EMA of the weights."""
+"""Fine-tuning options: layer-wise learning-rate decay, an EMA of the weights, the interpolation with the start."""
 
 from __future__ import annotations
 
@@ -61,6 +61,63 @@ def test_a_resumed_runs_weight_average_starts_from_the_resumed_weights():
         model.weight.fill_(7.0)
     averaging.on_epoch_begin(loop, 1)
     assert torch.equal(averaging.average.module.weight, model.weight)
+
+
+def test_interpolated_weights_are_evaluated_and_saved_halfway_between_start_and_live(tiny_bert_dir, keyword_data, tmp_path):
+    out = tmp_path / "out"
+    training = {"epochs": 1, "lr": 1e-3, "weight_interpolation": 0.25, "save_checkpoints": True}
+    summary = train(tiny_bert_dir, keyword_data, out, strategy={"name": "full"}, training=training)
+    saved = load_file(str(out / "model.safetensors"))
+    live = load_file(str(sorted((out / "checkpoints").iterdir())[-1] / "model.safetensors"))
+    live = {name.removeprefix("model."): value for name, value in live.items()}
+    start = load_file(str(tiny_bert_dir / "model.safetensors"))
+    for key in ("encoder.layer.1.attention.self.query.weight", "embeddings.word_embeddings.weight"):
+        moved = live[f"bert.{key}"] - start[key]
+        assert moved.abs().max() > 1e-4  # fine-tuning moved it, so the mix below can fail
+        assert torch.allclose(saved[f"bert.{key}"], start[key] + 0.25 * moved, atol=1e-6)
+
+    from hf_transfer.inference.evaluate import evaluate_saved_model
+
+    again = evaluate_saved_model(out, str(keyword_data), split="validation").metrics
+    assert again["accuracy"] == pytest.approx(summary["eval"]["accuracy"])
+
+
+def test_a_resumed_runs_interpolation_starts_from_the_weights_the_plan_built():
+    from types import SimpleNamespace
+
+    from hf_transfer.training.callbacks import WeightInterpolation
+
+    model = torch.nn.Linear(3, 2)
+    built = model.weight.detach().clone()
+    loop = SimpleNamespace(model=model, accelerator=SimpleNamespace(unwrap_model=lambda m: m))
+    interpolation = WeightInterpolation(share=0.5)
+    interpolation.on_train_begin(loop)
+    with torch.no_grad():  # what a checkpoint's restore does after this callback began
+        model.weight.fill_(7.0)
+    interpolation.on_update(loop, end_of_epoch=True)
+    assert torch.allclose(model.weight, (built + 7.0) / 2)
+    interpolation.on_epoch_end(loop, {})
+    assert torch.equal(model.weight, torch.full_like(built, 7.0))  # training goes on from the live weights
+
+
+@pytest.mark.parametrize(("sections", "message"), [
+    ({"training": {"weight_interpolation": 0.5, "ema_decay": 0.99}},
+     "training.ema_decay and training.weight_interpolation each choose the weights"),
+    ({"training": {"weight_interpolation": 0.5}, "strategy": {"name": "freeze_backbone"}},
+     "strategy freeze_backbone never moves it"),
+])
+def test_an_interpolation_the_run_cannot_honour_is_one_clear_error(tiny_bert_dir, keyword_data, tmp_path, sections, message):
+    from test_text import text_recipe
+
+    from hf_transfer.errors import HfTransferError
+    from hf_transfer.recipe import recipe_from_dict
+
+    values = text_recipe(tiny_bert_dir, keyword_data, tmp_path / "out")
+    for section, setting in sections.items():
+        values[section] = {**values.get(section, {}), **setting}
+    with pytest.raises(HfTransferError, match=message):
+        recipe_from_dict(values)
+    assert not (tmp_path / "out").exists()
 
 
 def test_head_first_starts_fine_tuning_from_the_fitted_probe(tiny_bert_dir, keyword_data, tmp_path):

@@ -104,6 +104,8 @@ def rung_recipe(recipe: Recipe, strategy: str, patience: int) -> Recipe:
     if strategy == "lora":  # strategy auto takes numbers for training.lr (recipe/checks.py)
         backbone_lr = training.backbone_lr * LORA_LR_SCALE if training.backbone_lr else None
         training = dataclasses.replace(training, lr=training.lr * LORA_LR_SCALE, backbone_lr=backbone_lr)
+    if strategy == "freeze_backbone":  # its backbone is the start's: there is nothing to interpolate
+        training = dataclasses.replace(training, weight_interpolation=None)
     return dataclasses.replace(recipe, strategy=dataclasses.replace(recipe.strategy, name=strategy), training=training)
 
 

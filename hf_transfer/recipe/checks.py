@@ -145,6 +145,7 @@ def validate(recipe: Recipe) -> None:
     validate_text_run(recipe)
     validate_mixing(recipe)
     validate_head_first(recipe)
+    validate_evaluated_weights(recipe)
     validate_adaptation(recipe)
     validate_auto_strategy(recipe)
     validate_auto_lr(recipe)
@@ -183,6 +184,18 @@ def validate_head_first(recipe: Recipe) -> None:
     reason = next((reason for reason, applies in reasons.items() if applies), None)
     if reason:
         raise HfTransferError(f"strategy.head_first is true, but {reason}; set strategy.head_first auto or false.")
+
+
+def validate_evaluated_weights(recipe: Recipe) -> None:
+    """The weights each epoch is evaluated with: one rule at a time, and an interpolation only where the backbone moves."""
+    training = recipe.training
+    if training.weight_interpolation and training.ema_decay:
+        raise HfTransferError("training.ema_decay and training.weight_interpolation each choose the weights every epoch "
+                              "is evaluated and saved with; set one of them to null.")
+    if training.weight_interpolation and recipe.strategy.name == "freeze_backbone":
+        raise HfTransferError("training.weight_interpolation mixes the fine-tuned backbone with the one training started "
+                              "from, and strategy freeze_backbone never moves it; set it to null, or a strategy that "
+                              "trains the backbone (partial, full, lora, auto).")
 
 
 def validate_head(recipe: Recipe) -> None:

@@ -1,4 +1,5 @@
-"""The loop's standard callbacks: which epoch a run keeps, early stopping, weight averaging, checkpoints.
+"""The loop's standard callbacks: which epoch a run keeps, early stopping, the weights evaluated (an average,
+an interpolation with the start), checkpoints.
 
 Mode-specific callbacks live with their mode (gradual unfreezing in strategies.py, the cached
 view in cache/, the domain loss in adaptation/); `recipe_callbacks` adds these, in this order,
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import time
 from typing import Any
+
+import torch
 
 from hf_transfer.console import say
 from hf_transfer.recipe import TrainingConfig
@@ -92,25 +95,49 @@ class Deadline(Callback):
             self.stopped_at, loop.stop = epochs, True
 
 
-class WeightAveraging(Callback):
-    """An EMA of the weights (timm's ModelEmaV3): each epoch is evaluated, and kept, with the averaged
-    weights; training goes on from the live ones.
+class EvaluatedWeights(Callback):
+    """Each epoch is evaluated, and kept, with other weights than the live ones the loop trains on.
 
-    The average is swapped in after the epoch's last update (before the evaluation) and swapped out
-    at the epoch's end, after the epoch rule stored what it keeps and before a checkpoint stores the
-    live weights. A resumed run starts a fresh average from the resumed weights: the average is made when
-    the first epoch begins, after every callback's on_train_begin (the checkpoint's restore among them).
+    `evaluated_weights(model)` gives them; they are swapped in after the epoch's last update (before the
+    evaluation) and swapped out at the epoch's end, after the epoch rule stored what it keeps and before
+    a checkpoint stores the live weights.
     """
 
-    cuda_graphs_blocker = "the averaged weights are swapped in for each evaluation"
+    cuda_graphs_blocker = "other weights are swapped in for each evaluation"
 
-    def __init__(self, decay: float):
-        self.decay = decay
-        self.average = None
+    def __init__(self) -> None:
         self.live: dict | None = None
 
-    def _model(self, loop: Loop):
+    @staticmethod
+    def _model(loop: Loop):
         return loop.accelerator.unwrap_model(loop.model)
+
+    def evaluated_weights(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def on_update(self, loop: Loop, end_of_epoch: bool) -> None:
+        if end_of_epoch:
+            model = self._model(loop)
+            self.live = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            model.load_state_dict(self.evaluated_weights(model))
+
+    def on_epoch_end(self, loop: Loop, metrics: dict[str, Any]) -> None:
+        if self.live is not None:
+            self._model(loop).load_state_dict(self.live)
+            self.live = None
+
+
+class WeightAveraging(EvaluatedWeights):
+    """An EMA of the weights (timm's ModelEmaV3), evaluated and kept each epoch (training.ema_decay).
+
+    A resumed run starts a fresh average from the resumed weights: the average is made when the first
+    epoch begins, after every callback's on_train_begin (the checkpoint's restore among them).
+    """
+
+    def __init__(self, decay: float):
+        super().__init__()
+        self.decay = decay
+        self.average = None
 
     def on_epoch_begin(self, loop: Loop, epoch: int) -> None:
         from timm.utils import ModelEmaV3
@@ -119,16 +146,37 @@ class WeightAveraging(Callback):
             self.average = ModelEmaV3(self._model(loop), decay=self.decay, use_warmup=True)
 
     def on_update(self, loop: Loop, end_of_epoch: bool) -> None:
-        model = self._model(loop)
-        self.average.update(model, step=loop.state.update)
-        if end_of_epoch:
-            self.live = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            model.load_state_dict(self.average.module.state_dict())
+        self.average.update(self._model(loop), step=loop.state.update)
+        super().on_update(loop, end_of_epoch)
 
-    def on_epoch_end(self, loop: Loop, metrics: dict[str, Any]) -> None:
-        if self.live is not None:
-            self._model(loop).load_state_dict(self.live)
-            self.live = None
+    def evaluated_weights(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return self.average.module.state_dict()
+
+
+class WeightInterpolation(EvaluatedWeights):
+    """The weights fine-tuning started from and the live ones, mixed: (1 - share) x start + share x live,
+    evaluated and kept each epoch (training.weight_interpolation).
+
+    WiSE-FT (Wortsman et al., CVPR 2022, "Robust fine-tuning of zero-shot models"): fine-tuned and
+    starting weights lie in one basin, and their average often beats both. The start is the model the
+    plan built (the pretrained backbone, the head fitted first where it is), taken in on_train_begin
+    before a checkpoint's restore (Checkpointing comes after this callback), so a resumed run mixes
+    with the same start. Integer buffers (BatchNorm's batch count) are the live ones.
+    """
+
+    def __init__(self, share: float):
+        super().__init__()
+        self.share = share
+        self.start: dict[str, torch.Tensor] | None = None
+
+    def on_train_begin(self, loop: Loop) -> None:
+        self.start = {k: v.detach().clone() for k, v in self._model(loop).state_dict().items()}
+
+    def evaluated_weights(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {
+            name: torch.lerp(self.start[name].to(live.device), live, self.share) if live.is_floating_point() else live
+            for name, live in model.state_dict().items()
+        }
 
 
 class Checkpointing(Callback):
@@ -163,8 +211,12 @@ def recipe_callbacks(config: TrainingConfig, plan: Plan, checkpoints: Checkpoint
         callbacks.append(TrackerLogging())
     if config.early_stopping_patience:
         callbacks.append(EarlyStopping(config.early_stopping_patience))
-    if config.ema_decay:  # after the epoch rule (it keeps the average), before checkpoints (they store the live weights)
+    # after the epoch rule (it keeps what they swap in), before checkpoints (they store the live weights and restore
+    # a resumed run after the start of the interpolation is taken)
+    if config.ema_decay:
         callbacks.append(WeightAveraging(config.ema_decay))
+    if config.weight_interpolation:
+        callbacks.append(WeightInterpolation(config.weight_interpolation))
     if checkpoints is not None:
         callbacks.append(Checkpointing(checkpoints))
     return callbacks
