@@ -80,6 +80,7 @@ def test_interpolated_weights_are_evaluated_and_saved_halfway_between_start_and_
 
     again = evaluate_saved_model(out, str(keyword_data), split="validation").metrics
     assert again["accuracy"] == pytest.approx(summary["eval"]["accuracy"])
+    assert "0.75 x the weights fine-tuning started from + 0.25 x the fine-tuned ones" in (out / "README.md").read_text()
 
 
 def test_a_resumed_runs_interpolation_starts_from_the_weights_the_plan_built():

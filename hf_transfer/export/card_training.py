@@ -50,6 +50,17 @@ def cache_views_text(recipe: Recipe) -> str:
             else f", {views} augmented views of each training image")
 
 
+def evaluated_weights_text(t: TrainingConfig) -> str:
+    """Which weights each epoch was scored with, and the card's model holds, where they are not the trained ones."""
+    if t.ema_decay:
+        return f"; every epoch scored, and the model saved, with an exponential moving average of the weights (decay {t.ema_decay:g})"
+    if t.weight_interpolation:
+        share = t.weight_interpolation
+        return (f"; every epoch scored, and the model saved, with {1 - share:g} x the weights fine-tuning started from "
+                f"+ {share:g} x the fine-tuned ones (WiSE-FT)")
+    return ""
+
+
 def training_text(recipe: Recipe, summary: dict[str, Any], processes: int) -> str:
     t = recipe.training
     if summary.get("head_solver"):  # no loop ran: epochs, rates and schedule did not apply
@@ -58,6 +69,7 @@ def training_text(recipe: Recipe, summary: dict[str, Any], processes: int) -> st
     return (
         f"{t.epochs} epochs, {batch_and_lr_text(t, summary, processes)}, {t.scheduler} schedule (warmup "
         f"{t.warmup_ratio:g}), weight decay {t.weight_decay:g}, label smoothing {t.label_smoothing:g}"
+        + evaluated_weights_text(t)
         + (f"; the head trained on frozen features cached once{cache_views_text(recipe)}"
            if summary.get("feature_cache") else "")
     )
