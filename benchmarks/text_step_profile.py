@@ -1,6 +1,6 @@
 """Where a CPU text fine-tuning step spends its time, piece by piece (issue 14).
 
-Three measurements, each cheap enough to run beside other work (times are medians of repeats):
+Four measurements, each cheap enough to run beside other work (times are medians of repeats):
 
 1. tokens per epoch: what each way of batching pads, as a multiple of the real tokens, on the
    training texts of SST-2 (a seeded 2,000) and of Amazon electronics (1,600 after the 20%
@@ -9,7 +9,9 @@ Three measurements, each cheap enough to run beside other work (times are median
    (the Trainer's `group_by_length`), each padded to the batch's longest and to a multiple of 8;
 2. the optimiser step on MiniLM-L6's 22.7M parameters: torch's AdamW as constructed by default,
    and with `fused=True` (what the Trainer's default `adamw_torch_fused` builds);
-3. the collator: ours (data/sampling.py) against transformers' DataCollatorWithPadding.
+3. the collator: ours (data/sampling.py) against transformers' DataCollatorWithPadding;
+4. one bf16-autocast training step cut into its parts (forward, backward, fused AdamW, clipping),
+   and the whole step with the word embeddings frozen.
 
     python benchmarks/text_step_profile.py [--data-root ../shared/data]
 """
@@ -84,6 +86,42 @@ def optimizer_step_ms(model: torch.nn.Module) -> dict[str, float]:
     return results
 
 
+def step_parts_ms(model: torch.nn.Module, tokens: int = 26) -> dict[str, float]:
+    """One bf16-autocast training step of a batch of BATCH x `tokens`, piece by piece (median ms), and the whole
+    step again with the word embeddings frozen (their dense gradient, clipping and update skipped)."""
+    model.train()
+    generator = torch.Generator().manual_seed(0)
+    inputs = {"input_ids": torch.randint(1000, 20000, (BATCH, tokens), generator=generator),
+              "attention_mask": torch.ones(BATCH, tokens, dtype=torch.long),
+              "labels": torch.randint(0, 2, (BATCH,), generator=generator)}
+
+    def loss():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(**inputs).loss
+
+    def step(optimizer, parameters):
+        loss().backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    everything = list(model.parameters())
+    optimizer = torch.optim.AdamW(everything, lr=5e-5, fused=True)
+    results = {"forward": 1000 * median_seconds(loss),
+               "forward + backward": 1000 * median_seconds(lambda: (loss().backward(), optimizer.zero_grad(set_to_none=True))),
+               "whole step (+ clipping, fused AdamW)": 1000 * median_seconds(lambda: step(optimizer, everything))}
+    loss().backward()
+    results["fused AdamW alone"] = 1000 * median_seconds(optimizer.step)
+    results["clipping alone"] = 1000 * median_seconds(lambda: torch.nn.utils.clip_grad_norm_(everything, 1.0))
+    optimizer.zero_grad(set_to_none=True)
+    model.get_input_embeddings().weight.requires_grad_(False)
+    trained = [p for p in everything if p.requires_grad]
+    frozen_words = torch.optim.AdamW(trained, lr=5e-5, fused=True)
+    results["whole step, word embeddings frozen"] = 1000 * median_seconds(lambda: step(frozen_words, trained))
+    model.get_input_embeddings().weight.requires_grad_(True)
+    return results
+
+
 def collator_ms(tokenizer, lengths_source: list[str]) -> dict[str, float]:
     from transformers import DataCollatorWithPadding
 
@@ -117,6 +155,9 @@ def main() -> None:
     model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=2)
     print(f"\noptimiser step, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters (median ms):")
     for label, ms in optimizer_step_ms(model).items():
+        print(f"- {label}: {ms:.0f} ms")
+    print(f"\none training step, bf16 autocast, {BATCH} x 26 tokens (median ms):")
+    for label, ms in step_parts_ms(model).items():
         print(f"- {label}: {ms:.0f} ms")
     sentences = ["a gripping , funny and ultimately moving film", "dull", "it is not the worst movie of the year"] * BATCH
     print(f"\ncollating {BATCH} tokenised sentences (median ms):")

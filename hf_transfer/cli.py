@@ -76,7 +76,7 @@ def _add_rank(subcommands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-        help="Override recipe keys, dotted, values read as YAML: --set rank.score=probe_accuracy",
+        help="Override recipe keys, dotted, values read as YAML: --set rank.score=logme",
     )
     parser.add_argument("--output-dir",
                         help="Folder for ranking.json and the feature cache (default runs/<recipe>-rank).")

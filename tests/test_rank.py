@@ -87,6 +87,16 @@ def test_every_score_the_recipe_can_name_is_computed():
     assert set(SCORES) == set(typing.get_args(typing.get_type_hints(RankConfig)["score"]))
 
 
+def test_equal_scores_go_to_the_higher_logme_and_a_missing_score_goes_last():
+    from hf_transfer.selection.rank import order_rows
+
+    rows = [{"model": "a", "probe_accuracy": 0.9, "logme": -0.5}, {"model": "failed"},
+            {"model": "b", "probe_accuracy": 0.9, "logme": -0.2}, {"model": "c", "probe_accuracy": 0.8, "logme": 0.3}]
+    ranked = order_rows(rows, "probe_accuracy")
+    assert [row["model"] for row in ranked] == ["b", "a", "c", "failed"]
+    assert [row["rank"] for row in ranked] == [1, 2, 3, None]
+
+
 # ------------------------------------------------------------------ the command
 
 
@@ -125,8 +135,9 @@ def test_rank_scores_both_models_names_a_winner_and_leaves_its_features_for_trai
     ranking = json.loads((out / "ranking.json").read_text())
     rows = {row["model"]: row for row in ranking["candidates"]}
     assert set(rows) == {str(tiny_bert_dir), str(second_bert_dir)}
-    assert ranking["score"] == "logme" and ranking["winner"] == ranking["candidates"][0]["model"]
-    assert ranking["candidates"][0]["logme"] >= ranking["candidates"][1]["logme"]
+    assert ranking["score"] == "probe_accuracy" and ranking["winner"] == ranking["candidates"][0]["model"]
+    first, second = ranking["candidates"]
+    assert (first["probe_accuracy"], first["logme"]) >= (second["probe_accuracy"], second["logme"])
     assert [row["rank"] for row in ranking["candidates"]] == [1, 2]
     for row in rows.values():
         assert row["error"] is None and row["train_examples"] == 160 and row["validation_examples"] == 60
@@ -148,10 +159,10 @@ def test_rank_scores_both_models_names_a_winner_and_leaves_its_features_for_trai
 
     # ranked again: every feature comes from the cache, and --candidates replaces rank.candidates
     assert main(["rank", "--recipe", str(recipe), "--output-dir", str(out), "--overwrite",
-                 "--candidates", str(second_bert_dir), "--set", "rank.score=probe_accuracy"]) == 0
+                 "--candidates", str(second_bert_dir), "--set", "rank.score=logme"]) == 0
     again = json.loads((out / "ranking.json").read_text())
     assert [row["model"] for row in again["candidates"]] == [str(second_bert_dir)]
-    assert again["score"] == "probe_accuracy" and again["winner"] == str(second_bert_dir)
+    assert again["score"] == "logme" and again["winner"] == str(second_bert_dir)
     assert again["candidates"][0]["feature_cache"] == {"hits": ["train", "validation"], "computed": []}
     assert again["candidates"][0]["logme"] == pytest.approx(rows[str(second_bert_dir)]["logme"])
 

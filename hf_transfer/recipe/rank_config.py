@@ -17,10 +17,11 @@ class RankConfig:
         "name), all of the recipe's task; --candidates replaces this list."
     )
     score: Literal["logme", "hscore", "probe_accuracy", "knn_accuracy"] = _f(
-        "logme",
-        "The score `hf-transfer rank` names its winner by (the highest wins). logme: the evidence of a Bayesian "
-        "linear model on the frozen training features (You et al. 2021), no validation split, nothing to tune; "
-        "hscore: tr(cov(f)^-1 cov(E[f|y])) on the training features (Bao et al. 2019); probe_accuracy: validation "
-        "accuracy of the logistic-regression head that train fits on these features; knn_accuracy: validation "
-        "accuracy of a 5-nearest-neighbour vote (cosine).",
+        "probe_accuracy",
+        "The score `hf-transfer rank` names its winner by (the highest wins; equal scores: the higher LogME). "
+        "probe_accuracy: validation accuracy of the logistic-regression head that train fits on these features "
+        "(what a freeze_backbone run reports; of the four, the score whose order best matched fine-tuned accuracy "
+        "on four data sets, BENCHMARKS.md); logme: the evidence of a Bayesian linear model on the frozen training "
+        "features (You et al. 2021), no validation split, nothing to tune; hscore: tr(cov(f)^-1 cov(E[f|y])) on the "
+        "training features (Bao et al. 2019); knn_accuracy: validation accuracy of a 5-nearest-neighbour vote (cosine).",
     )

@@ -137,12 +137,17 @@ def score_candidate(recipe: Recipe, accelerator: Accelerator) -> dict[str, Any]:
     return {"model": recipe.model.name, **row, "seconds": round(time.perf_counter() - started, 2)}
 
 
+# equal scores (accuracies on a small validation split often are) go to the higher LogME: it reads the
+# training split, which the accuracies do not
+TIE_BREAK = "logme"
+
+
 def order_rows(rows: list[dict[str, Any]], score: str) -> list[dict[str, Any]]:
-    """Best first by `score`; candidates without it (a failed load, a score that is not finite) last,
-    in the order given."""
-    def key(row: dict[str, Any]) -> tuple[bool, float]:
-        value = row.get(score)
-        return (value is None, -value if value is not None else 0.0)
+    """Best first by `score`, equal scores by TIE_BREAK; candidates without the score (a failed load, a
+    score that is not finite) last, in the order given."""
+    def key(row: dict[str, Any]) -> tuple[bool, float, float]:
+        value, tie_break = row.get(score), row.get(TIE_BREAK)
+        return (value is None, -value if value is not None else 0.0, -tie_break if tie_break is not None else 0.0)
 
     ranked = sorted(rows, key=key)
     for place, row in enumerate(ranked, 1):
@@ -184,7 +189,7 @@ def rank_models(recipe: Recipe, candidates: list[str] | None = None, output_dir:
     ranked = order_rows(rows, score)
     record = {
         "recipe": recipe.name, "task": recipe.task, "score": score,
-        "rule": f"the highest {SCORES[score].title} (rank.score {score})",
+        "rule": f"the highest {SCORES[score].title} (rank.score {score}; equal scores: the higher {SCORES[TIE_BREAK].title})",
         "winner": ranked[0]["model"] if ranked[0]["rank"] is not None else None,
         "feature_cache_dir": str(feature_cache_dir(recipes[0])), "mixed_precision": accelerator.mixed_precision,
         "candidates": ranked,
