@@ -83,6 +83,23 @@ def test_interpolated_weights_are_evaluated_and_saved_halfway_between_start_and_
     assert "0.75 x the weights fine-tuning started from + 0.25 x the fine-tuned ones" in (out / "README.md").read_text()
 
 
+def test_a_run_resumed_with_an_interpolation_scores_its_epochs_as_the_uninterrupted_run(tiny_bert_dir, keyword_data, tmp_path):
+    from test_text import text_recipe
+
+    from hf_transfer.recipe import recipe_from_dict
+    from hf_transfer.run import run_training
+
+    out = tmp_path / "out"
+    sections = {"strategy": {"name": "full"}, "output": {"save_total_limit": 2},
+                "training": {"epochs": 2, "lr": 1e-3, "weight_interpolation": 0.5, "save_checkpoints": True,
+                             "mixed_precision": "no"}}
+    whole = run_training(recipe_from_dict(text_recipe(tiny_bert_dir, keyword_data, out, **sections)))
+    first_epoch = min((out / "checkpoints").iterdir(), key=lambda path: int(path.name.split("-")[1]))
+    resumed = run_training(recipe_from_dict(text_recipe(tiny_bert_dir, keyword_data, out, **sections)),
+                           resume=str(first_epoch))
+    assert resumed["history"] == whole["history"]  # the second epoch mixed with the same start as before
+
+
 def test_a_resumed_runs_interpolation_starts_from_the_weights_the_plan_built():
     from types import SimpleNamespace
 
@@ -99,6 +116,14 @@ def test_a_resumed_runs_interpolation_starts_from_the_weights_the_plan_built():
     assert torch.allclose(model.weight, (built + 7.0) / 2)
     interpolation.on_epoch_end(loop, {})
     assert torch.equal(model.weight, torch.full_like(built, 7.0))  # training goes on from the live weights
+
+    # and the loop calls it before the checkpoint's restore: it comes first in the list
+    from hf_transfer.recipe import TrainingConfig
+    from hf_transfer.training.callbacks import Checkpointing, recipe_callbacks
+
+    plan = SimpleNamespace(epoch_rule="best")
+    kinds = [type(c) for c in recipe_callbacks(TrainingConfig(weight_interpolation=0.5), plan, checkpoints=object())]
+    assert kinds.index(WeightInterpolation) < kinds.index(Checkpointing)
 
 
 @pytest.mark.parametrize(("sections", "message"), [
