@@ -41,7 +41,7 @@ from hf_transfer.sources.offline import (
 from hf_transfer.strategies import count_parameters, get_strategy
 from hf_transfer.tasks import task_builder
 from hf_transfer.training.auto import start_config, tune
-from hf_transfer.training.callbacks import recipe_callbacks
+from hf_transfer.training.callbacks import interpolation_share, recipe_callbacks
 from hf_transfer.training.checkpoint import (
     Checkpointer,
     check_resumable,
@@ -237,7 +237,8 @@ def run_training(recipe: Recipe, resume: str | None = None) -> dict[str, Any]:
         )
     trainer = plan.trainer or train  # the loop, or a solver that fits the head to convergence
     result = trainer(plan, training, accelerator, output_dir, recipe_callbacks(training, plan, checkpoints))
-    summary = run_summary(recipe, task, plan, parameters, result, accelerator, resume_from) | tuning.record
+    summary = (run_summary(recipe, task, plan, parameters, result, accelerator, resume_from) | tuning.record
+               | {"weight_interpolation": interpolation_share(training, plan)})
     save_run(plan.save, plan.card, recipe, summary, accelerator)
     finish_run(recipe, accelerator)
     return summary

@@ -181,6 +181,10 @@ def test_head_first_auto_fits_the_head_first_for_images_and_not_for_text(tiny_be
     assert image["head_first"]["accuracy"] >= 0.9  # the colour decides: the probe alone gets it
     text = train(tiny_bert_dir, keyword_data, tmp_path / "text", strategy={"name": "full"})
     assert "head_first" not in text
+    # weight_interpolation auto follows: halfway back to the fitted probe for the image run, off for the text run
+    assert image["weight_interpolation"] == 0.5 and text["weight_interpolation"] is None
+    assert "0.5 x the weights fine-tuning started from" in (tmp_path / "image" / "README.md").read_text()
+    assert "fine-tuning started from" not in (tmp_path / "text" / "README.md").read_text()
 
 class _Step:
     """What BatchMixing reads of a running loop: the epoch, the batch and the process."""

@@ -50,14 +50,14 @@ def cache_views_text(recipe: Recipe) -> str:
             else f", {views} augmented views of each training image")
 
 
-def evaluated_weights_text(t: TrainingConfig) -> str:
+def evaluated_weights_text(t: TrainingConfig, summary: dict[str, Any]) -> str:
     """Which weights each epoch was scored with, and the card's model holds, where they are not the trained ones."""
     if t.ema_decay:
         return f"; every epoch scored, and the model saved, with an exponential moving average of the weights (decay {t.ema_decay:g})"
-    if t.weight_interpolation:
-        share = t.weight_interpolation
+    share = summary.get("weight_interpolation")
+    if share:
         return (f"; every epoch scored, and the model saved, with {1 - share:g} x the weights fine-tuning started from "
-                f"+ {share:g} x the fine-tuned ones (WiSE-FT)")
+                f"+ {share:g} x the fine-tuned ones (WiSE-FT, training.weight_interpolation)")
     return ""
 
 
@@ -69,7 +69,7 @@ def training_text(recipe: Recipe, summary: dict[str, Any], processes: int) -> st
     return (
         f"{t.epochs} epochs, {batch_and_lr_text(t, summary, processes)}, {t.scheduler} schedule (warmup "
         f"{t.warmup_ratio:g}), weight decay {t.weight_decay:g}, label smoothing {t.label_smoothing:g}"
-        + evaluated_weights_text(t)
+        + evaluated_weights_text(t, summary)
         + (f"; the head trained on frozen features cached once{cache_views_text(recipe)}"
            if summary.get("feature_cache") else "")
     )

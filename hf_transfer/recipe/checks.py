@@ -189,13 +189,16 @@ def validate_head_first(recipe: Recipe) -> None:
 def validate_evaluated_weights(recipe: Recipe) -> None:
     """The weights each epoch is evaluated with: one rule at a time, and an interpolation only where the backbone moves."""
     training = recipe.training
-    if training.weight_interpolation and training.ema_decay:
+    if training.weight_interpolation in (None, "auto"):  # auto steps aside for ema_decay and a frozen backbone
+        return
+    if training.ema_decay:
         raise HfTransferError("training.ema_decay and training.weight_interpolation each choose the weights every epoch "
-                              "is evaluated and saved with; set one of them to null.")
-    if training.weight_interpolation and recipe.strategy.name == "freeze_backbone":
+                              "is evaluated and saved with; set training.weight_interpolation auto or null, or "
+                              "training.ema_decay null.")
+    if recipe.strategy.name == "freeze_backbone":
         raise HfTransferError("training.weight_interpolation mixes the fine-tuned backbone with the one training started "
-                              "from, and strategy freeze_backbone never moves it; set it to null, or a strategy that "
-                              "trains the backbone (partial, full, lora, auto).")
+                              "from, and strategy freeze_backbone never moves it; set it to auto or null, or a "
+                              "strategy that trains the backbone (partial, full, lora, auto).")
 
 
 def validate_head(recipe: Recipe) -> None:

@@ -236,10 +236,11 @@ class TrainingConfig:
         "factor per block below (timm's param_groups_layer_decay rule, on any source's blocks). null: off.", above=0, at_most=1)
     ema_decay: float | None = _f(None, "EMA of the weights (timm's ModelEmaV3, this decay per update): every epoch is "
         "evaluated with the average, and the average is kept and saved. null: off.", above=0, below=1)
-    weight_interpolation: float | None = _f(None, "WiSE-FT: every epoch is evaluated, kept and saved with (1 - x) "
-        "times the weights fine-tuning started from (the pretrained backbone, the head fitted first where it is) plus x "
-        "times the fine-tuned ones; training goes on from the fine-tuned ones. For strategies that train the "
-        "backbone. null: off.", above=0, below=1)
+    weight_interpolation: float | Literal["auto"] | None = _f("auto", "WiSE-FT: every epoch is evaluated, kept and "
+        "saved with (1 - x) times the weights fine-tuning started from (the pretrained backbone and the head fitted "
+        "first) plus x times the fine-tuned ones; training goes on from the fine-tuned ones. auto: 0.5 where the head "
+        "was fitted first (strategy.head_first; image tasks by default) and no ema_decay is set, else off. null: off.",
+        above=0, below=1)
     weight_decay: float = _f(0.01, "Decoupled weight decay; never applied to biases and norm weights.", at_least=0)
     optimizer: Literal["adamw", "adam", "sgd"] = _f("adamw", "Optimiser.")
     momentum: float = _f(0.9, "Momentum (sgd).", at_least=0, below=1)

@@ -93,4 +93,5 @@ class Plan:
     summary: Callable[[Any], dict[str, Any]] = lambda _accelerator: {}
     feature_source: Any = None  # cache.FeatureSource; typed loosely because the cache stage comes later
     trainer: Callable[..., Any] | None = None
+    head_fitted_first: bool = False  # the head was fitted on frozen features before training (cache/head_first.py)
     train_loader_for: Callable[[int], DataLoader] | None = None
