@@ -181,10 +181,30 @@ def test_head_first_auto_fits_the_head_first_for_images_and_not_for_text(tiny_be
     assert image["head_first"]["accuracy"] >= 0.9  # the colour decides: the probe alone gets it
     text = train(tiny_bert_dir, keyword_data, tmp_path / "text", strategy={"name": "full"})
     assert "head_first" not in text
-    # weight_interpolation auto follows: halfway back to the fitted probe for the image run, off for the text run
-    assert image["weight_interpolation"] == 0.5 and text["weight_interpolation"] is None
-    assert "0.5 x the weights fine-tuning started from" in (tmp_path / "image" / "README.md").read_text()
+    # weight_interpolation auto mixes back only towards a probe fitted on pretrained weights: not this random CNN's
+    assert image["weight_interpolation"] is None and text["weight_interpolation"] is None
     assert "fine-tuning started from" not in (tmp_path / "text" / "README.md").read_text()
+
+
+def test_weight_interpolation_auto_mixes_halfway_back_where_a_pretrained_backbone_got_its_head_first(
+        tiny_bert_dir, keyword_data, tmp_path):
+    from types import SimpleNamespace
+
+    from hf_transfer.recipe import TrainingConfig
+    from hf_transfer.training.callbacks import interpolation_share
+
+    probe_start, zero_start = SimpleNamespace(starts_from_probe=True), SimpleNamespace(starts_from_probe=False)
+    assert interpolation_share(TrainingConfig(), probe_start) == 0.5
+    assert interpolation_share(TrainingConfig(), zero_start) is None
+    assert interpolation_share(TrainingConfig(ema_decay=0.99), probe_start) is None  # the average was asked for
+    assert interpolation_share(TrainingConfig(weight_interpolation=0.3), zero_start) == 0.3
+    assert interpolation_share(TrainingConfig(weight_interpolation=None), probe_start) is None
+
+    # a run whose head is fitted first on loaded weights (tiny_bert_dir stands in for a pretrained encoder)
+    summary = train(tiny_bert_dir, keyword_data, tmp_path / "out", strategy={"name": "full", "head_first": True},
+                    training={"epochs": 1})
+    assert summary["weight_interpolation"] == 0.5
+    assert "0.5 x the weights fine-tuning started from + 0.5 x the fine-tuned ones" in (tmp_path / "out" / "README.md").read_text()
 
 class _Step:
     """What BatchMixing reads of a running loop: the epoch, the batch and the process."""

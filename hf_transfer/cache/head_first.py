@@ -103,4 +103,4 @@ def head_first_plan(recipe: Recipe, plan: Plan, accelerator: Accelerator) -> Pla
     record = fit_head_first(plan, recipe.training, views, labels, accelerator)
     record["feature_cache"] = {"hits": extraction.hits, "computed": extraction.misses}
     return dataclasses.replace(plan, summary=lambda accelerator: plan.summary(accelerator) | {"head_first": record},
-                               head_fitted_first=True)
+                               starts_from_probe=recipe.model.pretrained)

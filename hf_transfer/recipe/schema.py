@@ -228,19 +228,16 @@ class TrainingConfig:
     lr: float | Literal["auto"] = _f(5e-5, "Learning rate (of every parameter unless backbone_lr / head_lr say otherwise). "
         "auto: found by a learning-rate range test before training (lr raised from 1e-7 towards 10 over 100 steps on the "
         "run's own model and data, the model then restored): halfway along the longest fall of the smoothed loss "
-        "(fastai's valley); backbone_lr / head_lr given as numbers stay. Curve: lr_finder.png; metrics.json: lr_finder.",
-        above=0)
+        "(fastai's valley); backbone_lr / head_lr given as numbers stay. Curve: lr_finder.png; metrics.json: lr_finder.", above=0)
     backbone_lr: float | None = _f(None, "Learning rate of the pretrained backbone's trainable parameters.", above=0)
     head_lr: float | None = _f(None, "Learning rate of the new head.", above=0)
     layer_decay: float | None = _f(None, "Layer-wise lr decay: the backbone's top block at backbone_lr x decay, one more "
         "factor per block below (timm's param_groups_layer_decay rule, on any source's blocks). null: off.", above=0, at_most=1)
     ema_decay: float | None = _f(None, "EMA of the weights (timm's ModelEmaV3, this decay per update): every epoch is "
         "evaluated with the average, and the average is kept and saved. null: off.", above=0, below=1)
-    weight_interpolation: float | Literal["auto"] | None = _f("auto", "WiSE-FT: every epoch is evaluated, kept and "
-        "saved with (1 - x) times the weights fine-tuning started from (the pretrained backbone and the head fitted "
-        "first) plus x times the fine-tuned ones; training goes on from the fine-tuned ones. auto: 0.5 where the head "
-        "was fitted first (strategy.head_first; image tasks by default) and no ema_decay is set, else off. null: off.",
-        above=0, below=1)
+    weight_interpolation: float | Literal["auto"] | None = _f("auto", "WiSE-FT: epochs scored and saved with (1-x) x the "
+        "start + x x the tuned weights; auto: 0.5 if the head is fitted first on pretrained weights and no ema_decay; "
+        "null: off.", above=0, below=1)
     weight_decay: float = _f(0.01, "Decoupled weight decay; never applied to biases and norm weights.", at_least=0)
     optimizer: Literal["adamw", "adam", "sgd"] = _f("adamw", "Optimiser.")
     momentum: float = _f(0.9, "Momentum (sgd).", at_least=0, below=1)

@@ -204,9 +204,9 @@ class Checkpointing(Callback):
 
 
 # training.weight_interpolation auto: halfway (the WiSE-FT paper's middle point, not tuned here) where fine-tuning
-# starts from the fitted probe. EfficientNet-Lite0 `full`, five image sets x two seeds: the last epoch +1.3 points
-# on average, higher in 9 of 10 runs; from a zero head (text, SST-2 sample, two seeds) it lost 1.9 points
-# (benchmarks/BENCHMARKS.md, issue 11)
+# starts from the probe fitted on a pretrained backbone. EfficientNet-Lite0 `full`, five image sets x two seeds:
+# the last epoch +1.3 points on average, higher in 9 of 10 runs; from a zero head (text, SST-2 sample, two seeds)
+# it lost 1.9 points (benchmarks/BENCHMARKS.md, issue 11)
 AUTO_INTERPOLATION = 0.5
 
 
@@ -214,7 +214,7 @@ def interpolation_share(config: TrainingConfig, plan: Plan) -> float | None:
     """The share of the fine-tuned weights in those each epoch is evaluated and saved with, or None (off)."""
     if config.weight_interpolation != "auto":
         return config.weight_interpolation
-    return AUTO_INTERPOLATION if plan.head_fitted_first and not config.ema_decay else None
+    return AUTO_INTERPOLATION if plan.starts_from_probe and not config.ema_decay else None
 
 
 def recipe_callbacks(config: TrainingConfig, plan: Plan, checkpoints: Checkpointer | None = None) -> list[Callback]:

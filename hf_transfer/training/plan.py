@@ -93,5 +93,7 @@ class Plan:
     summary: Callable[[Any], dict[str, Any]] = lambda _accelerator: {}
     feature_source: Any = None  # cache.FeatureSource; typed loosely because the cache stage comes later
     trainer: Callable[..., Any] | None = None
-    head_fitted_first: bool = False  # the head was fitted on frozen features before training (cache/head_first.py)
+    # fine-tuning starts from pretrained weights with the head fitted on their features (cache/head_first.py): the
+    # start training.weight_interpolation auto mixes back towards (a random backbone's is no start worth keeping)
+    starts_from_probe: bool = False
     train_loader_for: Callable[[int], DataLoader] | None = None
