@@ -141,6 +141,7 @@ def run_summary(recipe: Recipe, task: Plan, plan: Plan, parameters: tuple[int, i
         "adaptation": None,
         "lr_finder": None,  # training.lr / batch_size auto fill these in (training/auto.py)
         "batch_size_finder": None,
+        "weight_interpolation": interpolation_share(recipe.training, plan),  # what the saved weights are, for the card
     }
     return summary | plan.summary(accelerator)
 
@@ -237,8 +238,7 @@ def run_training(recipe: Recipe, resume: str | None = None) -> dict[str, Any]:
         )
     trainer = plan.trainer or train  # the loop, or a solver that fits the head to convergence
     result = trainer(plan, training, accelerator, output_dir, recipe_callbacks(training, plan, checkpoints))
-    summary = (run_summary(recipe, task, plan, parameters, result, accelerator, resume_from) | tuning.record
-               | {"weight_interpolation": interpolation_share(training, plan)})
+    summary = run_summary(recipe, task, plan, parameters, result, accelerator, resume_from) | tuning.record
     save_run(plan.save, plan.card, recipe, summary, accelerator)
     finish_run(recipe, accelerator)
     return summary
