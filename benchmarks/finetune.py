@@ -34,31 +34,36 @@ SETS = {name: (recipe, data) for name, (recipe, data, _) in FROZEN_SETS.items()}
 # every image configuration: effnet_ants_bees's settings (AdamW, head lr 1e-3, backbone 1e-4, cosine,
 # warmup 10%, batch 32), 5 epochs (10 overfit hymenoptera: BENCHMARKS.md, issue 3), the last epoch reported
 FINE_TUNE_IMAGES = ["strategy.name=full", "training.epochs=5"]
+# the head-first rows (images and text) were recorded before training.weight_interpolation auto mixed them halfway
+# back (issue 11, sixth stop): named off, they run as they did then
+UNMIXED = "training.weight_interpolation=null"
 # every text configuration: minilm_sentiment's settings (AdamW lr 1e-4, linear, warmup 10%, batch 16), 3 epochs
 FINE_TUNE_TEXT = ["training.epochs=3"]
 CONFIGS = {
     "image": {
         "frozen": ["strategy.name=freeze_backbone"],
         "full": [*FINE_TUNE_IMAGES, "strategy.head_first=false"],
-        "full_head_first": [*FINE_TUNE_IMAGES, "strategy.head_first=true"],
+        "full_head_first": [*FINE_TUNE_IMAGES, "strategy.head_first=true", UNMIXED],
         # the pretrained weights move less: the head is already fitted, so fine-tuning only has to adjust
-        "full_head_first_bn_frozen": [*FINE_TUNE_IMAGES, "strategy.head_first=true", "strategy.norm_statistics=frozen"],
-        "full_head_first_slow": [*FINE_TUNE_IMAGES, "strategy.head_first=true", "training.lr=1e-4", "training.backbone_lr=2e-5"],
+        "full_head_first_bn_frozen": [*FINE_TUNE_IMAGES, "strategy.head_first=true", UNMIXED,
+                                      "strategy.norm_statistics=frozen"],
+        "full_head_first_slow": [*FINE_TUNE_IMAGES, "strategy.head_first=true", UNMIXED, "training.lr=1e-4",
+                                 "training.backbone_lr=2e-5"],
         "full_head_first_ema_ld": [*FINE_TUNE_IMAGES, "strategy.head_first=true", "training.ema_decay=0.99",
                                    "training.layer_decay=0.75"],
-        "full_head_first_mix": [*FINE_TUNE_IMAGES, "strategy.head_first=true", "data.augment.mixup=0.2",
+        "full_head_first_mix": [*FINE_TUNE_IMAGES, "strategy.head_first=true", UNMIXED, "data.augment.mixup=0.2",
                                 "data.augment.cutmix=1.0"],
         # WiSE-FT at the paper's middle point: halfway between the fitted probe and the fine-tuned weights
         "full_head_first_wise": [*FINE_TUNE_IMAGES, "strategy.head_first=true", "training.weight_interpolation=0.5"],
         # issue 14: each precision named explicitly (auto picks bf16 on a CPU with AMX)
         **{f"{strategy}_{precision}": [*settings, f"training.mixed_precision={precision}"]
-           for strategy, settings in (("frozen", ["strategy.name=freeze_backbone"]), ("full", FINE_TUNE_IMAGES))
+           for strategy, settings in (("frozen", ["strategy.name=freeze_backbone"]), ("full", [*FINE_TUNE_IMAGES, UNMIXED]))
            for precision in ("no", "bf16")},
     },
     "text": {
         "frozen": ["strategy.name=freeze_backbone"],
         "full": [*FINE_TUNE_TEXT, "strategy.name=full", "strategy.head_first=false"],
-        "full_head_first": [*FINE_TUNE_TEXT, "strategy.name=full", "strategy.head_first=true"],
+        "full_head_first": [*FINE_TUNE_TEXT, "strategy.name=full", "strategy.head_first=true", UNMIXED],
         # issue 14: how long a length-sorted window may be before accuracy suffers, and bf16 on the CPU
         **{f"full_window{w}": [*FINE_TUNE_TEXT, "strategy.name=full", f"data.length_window={w}"] for w in (1, 4, 16, 50)},
         "full_window50_bf16": [*FINE_TUNE_TEXT, "strategy.name=full", "data.length_window=50", "training.mixed_precision=bf16"],
