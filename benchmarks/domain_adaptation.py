@@ -2,7 +2,9 @@
 
 For each recipe (a shipped name or a path to a recipe file), each method (none = source only, dann,
 cdan, mmd, coral, mcc, tca) and each seed, one ordinary `hf-transfer train --recipe R --set
-adaptation.method=M training.seed=S strategy.name=STRATEGY ...` run. With the default strategy,
+adaptation.method=M training.seed=S strategy.name=STRATEGY ...` run. A method written METHOD:per_domain
+also sets adaptation.norm_statistics=per_domain (each domain normalised by its own BatchNorm
+statistics), so `none:per_domain` is AdaBN alone. With the default strategy,
 freeze_backbone, the backbone's features are computed once per example and shared by every run
 through one store, and a logistic regression fitted to convergence on the same stored source
 features (`head.solver`'s fit: L2 strength by cross-validation on the source) is the honest
@@ -30,6 +32,7 @@ from pathlib import Path
 
 RECIPES = ["pacs_photo_to_cartoon", "pacs_photo_to_art", "amazon_books_to_electronics", "amazon_dvd_to_books"]
 METHODS = ["none", "dann", "cdan", "mmd", "coral", "mcc", "tca"]
+PER_DOMAIN = ":per_domain"  # a method's suffix: with adaptation.norm_statistics=per_domain
 LOGISTIC = "logistic"  # the frozen source-only logistic regression, not a recipe method
 UPPER_BOUND = "target_labels"
 
@@ -69,6 +72,17 @@ def logistic_source_only(name: str, overrides: list[str], seed: int, log: Path) 
     return float((head(target_features).argmax(1) == target_labels).float().mean())
 
 
+def method_overrides(method: str) -> list[str]:
+    base = method.removesuffix(PER_DOMAIN)
+    return [f"adaptation.method={base}"] + (["adaptation.norm_statistics=per_domain"] if base != method else [])
+
+
+def method_choice(text: str) -> str:
+    if text.removesuffix(PER_DOMAIN) not in METHODS:
+        raise argparse.ArgumentTypeError(f"{text!r}: one of {', '.join(METHODS)}, optionally with {PER_DOMAIN}")
+    return text
+
+
 def measure(name: str, methods: list[str], seeds: list[int], common: list[str], output: Path,
             frozen: bool) -> dict:
     label = recipe_label(name)
@@ -83,11 +97,9 @@ def measure(name: str, methods: list[str], seeds: list[int], common: list[str], 
     for method in methods:
         for seed in seeds:
             started = time.perf_counter()
-            run_dir = output / label / method / f"seed{seed}"
-            summary = run_quietly(
-                name, [*common, f"adaptation.method={method}", f"training.seed={seed}", f"output.dir={run_dir}"],
-                output / "runs.log",
-            )
+            run_dir = output / label / method.replace(":", "_") / f"seed{seed}"
+            summary = run_quietly(name, [*common, *method_overrides(method), f"training.seed={seed}",
+                                         f"output.dir={run_dir}"], output / "runs.log")
             source_accuracy = summary["adaptation"]["source_validation_accuracy"]
             record(method, seed, summary["eval"]["accuracy"], started, f" (source validation {source_accuracy:.4f})")
     if frozen:
@@ -114,14 +126,19 @@ def mean_std(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.1f} ± {100 * spread:.1f}"
 
 
-COLUMN_TITLES = {LOGISTIC: "source only, logistic regression", "none": "source only", UPPER_BOUND: "target labels (upper bound)"}
+COLUMN_TITLES = {LOGISTIC: "source only, logistic regression", "none": "source only",
+                 "none" + PER_DOMAIN: "per-domain norms alone (AdaBN)", UPPER_BOUND: "target labels (upper bound)"}
+
+
+def column_title(column: str) -> str:
+    return COLUMN_TITLES.get(column) or column.replace(PER_DOMAIN, " + per-domain norms").upper()
 
 
 def table(results: dict[str, dict]) -> str:
     columns = list(dict.fromkeys(c for result in results.values() for c in result["accuracy"]))
     methods = [c for c in columns if c not in (LOGISTIC, "none", UPPER_BOUND)]
     columns = [c for c in (LOGISTIC, "none") if c in columns] + methods + [UPPER_BOUND]
-    lines = ["| recipe | " + " | ".join(COLUMN_TITLES.get(c, c.upper()) for c in columns) + " |",
+    lines = ["| recipe | " + " | ".join(column_title(c) for c in columns) + " |",
              "|" + "---|" * (len(columns) + 1)]
     for name, result in results.items():
         accuracy, seconds = result["accuracy"], result["seconds"]
@@ -137,7 +154,8 @@ def table(results: dict[str, dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", nargs="+", default=RECIPES, help="shipped recipe names or recipe file paths")
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=METHODS, type=method_choice,
+                        help=f"{', '.join(METHODS)}; METHOD{PER_DOMAIN} adds per-domain BatchNorm statistics")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--strategy", default="freeze_backbone",
                         help="strategy.name of every run; one that trains the backbone adapts it in the loop")
@@ -151,7 +169,7 @@ def main() -> None:
     frozen = args.strategy == "freeze_backbone"
     common = [f"training.feature_cache_dir={args.output / 'feature_store'}", "output.overwrite=true",
               f"strategy.name={args.strategy}", *args.overrides]
-    methods = [m for m in args.methods if frozen or m != "tca"]  # tca maps frozen features only
+    methods = [m for m in args.methods if frozen or not m.startswith("tca")]  # tca maps frozen features only
     results_file = args.output / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     for name in args.recipes:

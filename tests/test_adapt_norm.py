@@ -1,0 +1,91 @@
+"""Per-domain BatchNorm statistics (adaptation.norm_statistics per_domain, AdaBN) on a tiny timm ResNet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_vision import image_recipe, write_colour_folder
+from torch import nn
+from torch.utils.data import DataLoader
+
+from hf_transfer.adaptation.backbone import estimate_statistics
+from hf_transfer.errors import HfTransferError
+from hf_transfer.recipe import recipe_from_dict
+from hf_transfer.run import run_training
+
+STEM_NORM = "bn1.running_mean"  # test_resnet's first BatchNorm: frozen under partial
+
+
+class ConvNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.norm = nn.BatchNorm2d(4)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(pixel_values))
+
+
+def test_statistics_are_the_plain_average_over_the_batches():
+    torch.manual_seed(0)
+    model = ConvNorm().eval()
+    images = torch.randn(12, 3, 8, 8) * 3 + 2
+    loader = DataLoader([{"pixel_values": image, "labels": 0} for image in images], batch_size=4)
+    estimate_statistics(model, loader, torch.device("cpu"))
+    with torch.no_grad():
+        activations = model.conv(images)
+    torch.testing.assert_close(model.norm.running_mean, activations.mean((0, 2, 3)))
+    assert not model.training and model.norm.momentum == 0.1  # left as found
+
+
+def adaptation_recipe(source: Path, target: Path, output: Path, statistics: str, strategy: str = "partial") -> dict:
+    return image_recipe(
+        source, output,
+        strategy={"name": strategy, "trainable_blocks": 1},
+        adaptation={"method": "none", "target_path": str(target), "norm_statistics": statistics},
+        training={"epochs": 2, "save_checkpoints": False, "feature_cache_dir": str(output.parent / "store")},
+    )
+
+
+@pytest.fixture(scope="module")
+def domains(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("domains")
+    return write_colour_folder(root / "source", seed=0), write_colour_folder(root / "target", train=16, val=6, seed=1)
+
+
+def test_per_domain_statistics_are_the_targets_in_the_saved_model(domains, tmp_path):
+    import timm
+
+    source, target = domains
+    runs = {}
+    for statistics in ("shared", "per_domain"):
+        out = tmp_path / statistics
+        summary = run_training(recipe_from_dict(adaptation_recipe(source, target, out, statistics)))
+        assert summary["adaptation"]["norm_statistics"] == statistics
+        runs[statistics] = load_file(str(out / "model.safetensors"))
+    # shared: the frozen stem keeps the statistics it started with (a random model's zeros); per_domain: the target's
+    assert torch.equal(runs["shared"][STEM_NORM], torch.zeros_like(runs["shared"][STEM_NORM]))
+    assert not torch.equal(runs["per_domain"][STEM_NORM], runs["shared"][STEM_NORM])
+    reloaded = timm.create_model(f"local-dir:{tmp_path / 'per_domain'}", pretrained=True).eval()
+    assert torch.equal(reloaded.bn1.running_mean, runs["per_domain"][STEM_NORM])  # a stock timm folder
+
+
+def test_per_domain_statistics_without_batchnorm_is_one_clear_error(tiny_bert_dir, tmp_path):
+    from conftest import keyword_sentences, write_jsonl
+    from test_domain import domain_recipe, target_sentences
+
+    source = write_jsonl(tmp_path / "source.jsonl", keyword_sentences(32, seed=1))
+    target = write_jsonl(tmp_path / "target.jsonl", target_sentences(16, seed=2))
+    config = domain_recipe(tiny_bert_dir, source, target, tmp_path / "out", method="mcc", norm_statistics="per_domain")
+    with pytest.raises(HfTransferError, match="norm_statistics per_domain .* no BatchNorm layer"):
+        run_training(recipe_from_dict(config | {"strategy": {"name": "full"}}))
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_per_domain_statistics_with_a_frozen_backbone_is_refused_before_training(domains, tmp_path):
+    source, target = domains
+    with pytest.raises(HfTransferError, match="per_domain re-estimates .* freeze_backbone computes"):
+        recipe_from_dict(adaptation_recipe(source, target, tmp_path / "out", "per_domain", "freeze_backbone"))
