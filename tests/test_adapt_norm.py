@@ -11,7 +11,7 @@ from test_vision import image_recipe, write_colour_folder
 from torch import nn
 from torch.utils.data import DataLoader
 
-from hf_transfer.adaptation.backbone import estimate_statistics
+from hf_transfer.adaptation.norms import estimate_statistics
 from hf_transfer.errors import HfTransferError
 from hf_transfer.recipe import recipe_from_dict
 from hf_transfer.run import run_training
@@ -73,7 +73,8 @@ def test_per_domain_statistics_are_the_targets_in_the_saved_model(domains, tmp_p
     assert torch.equal(reloaded.bn1.running_mean, runs["per_domain"][STEM_NORM])  # a stock timm folder
 
 
-def test_per_domain_statistics_without_batchnorm_is_one_clear_error(tiny_bert_dir, tmp_path):
+@pytest.mark.parametrize("strategy", ["full", "freeze_backbone"])
+def test_per_domain_statistics_without_batchnorm_is_one_clear_error(tiny_bert_dir, tmp_path, strategy):
     from conftest import keyword_sentences, write_jsonl
     from test_domain import domain_recipe, target_sentences
 
@@ -81,11 +82,41 @@ def test_per_domain_statistics_without_batchnorm_is_one_clear_error(tiny_bert_di
     target = write_jsonl(tmp_path / "target.jsonl", target_sentences(16, seed=2))
     config = domain_recipe(tiny_bert_dir, source, target, tmp_path / "out", method="mcc", norm_statistics="per_domain")
     with pytest.raises(HfTransferError, match="norm_statistics per_domain .* no BatchNorm layer"):
-        run_training(recipe_from_dict(config | {"strategy": {"name": "full"}}))
+        run_training(recipe_from_dict(config | {"strategy": {"name": strategy}}))
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
-def test_per_domain_statistics_with_a_frozen_backbone_is_refused_before_training(domains, tmp_path):
+def test_frozen_per_domain_features_and_the_saved_folder_score_the_target_alike(domains, tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from hf_transfer.adaptation.features import load_target_task
+    from hf_transfer.adaptation.model import load_adapted_model
+    from hf_transfer.recipe import load_recipe
+
     source, target = domains
-    with pytest.raises(HfTransferError, match="per_domain re-estimates .* freeze_backbone computes"):
-        recipe_from_dict(adaptation_recipe(source, target, tmp_path / "out", "per_domain", "freeze_backbone"))
+    weights = tmp_path / "source.safetensors"
+    torch.manual_seed(0)
+    save_file(timm.create_model("test_resnet").state_dict(), str(weights))
+    out = tmp_path / "frozen"
+    config = adaptation_recipe(source, target, out, "per_domain", "freeze_backbone")
+    config["model"] = {"name": "test_resnet", "pretrained": True, "weights_file": str(weights)}
+    config["adaptation"] |= {"method": "mmd", "bottleneck_dim": 8}
+    summary = run_training(recipe_from_dict(config))
+    assert summary["adaptation"]["norm_statistics"] == "per_domain"
+    saved = load_file(str(out / "target_norm_statistics.safetensors"))
+    pretrained = load_file(str(weights))
+    assert saved.keys() <= pretrained.keys() and not torch.equal(saved["bn1.running_mean"], pretrained["bn1.running_mean"])
+    assert "re-estimated on the target" in (out / "README.md").read_text()
+
+    # the folder reloads as one module, normalising as on the target: it scores the whole target as the run did
+    model = load_adapted_model(out)
+    recipe = load_recipe(str(out / "recipe.yaml"))
+    target_task = load_target_task(recipe, model.label_names)
+    correct = total = 0
+    with torch.no_grad():
+        for split in ("train", "validation"):
+            for batch in target_task.feature_source.loader(split, None):
+                correct += int((model(pixel_values=batch["pixel_values"]).argmax(-1) == batch["labels"]).sum())
+                total += len(batch["labels"])
+    assert total == 44 and correct / total == pytest.approx(summary["eval"]["accuracy"])

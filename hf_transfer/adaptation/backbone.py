@@ -23,12 +23,12 @@ from collections.abc import Callable, Iterator
 import torch
 from accelerate import Accelerator
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import ConcatDataset, DataLoader
 
 from hf_transfer.adaptation.features import load_target_task
 from hf_transfer.adaptation.head import method_discriminator
 from hf_transfer.adaptation.losses import DomainBatch
+from hf_transfer.adaptation.norms import PerDomainNormStatistics, require_batch_norm
 from hf_transfer.adaptation.objective import DomainObjective
 from hf_transfer.console import say
 from hf_transfer.errors import HfTransferError
@@ -117,54 +117,6 @@ class TargetBatches(Callback):
         return {**batch, **extra}
 
 
-def batch_norm_layers(model: nn.Module) -> list[_BatchNorm]:
-    return [module for module in model.modules() if isinstance(module, _BatchNorm)]
-
-
-class PerDomainNormStatistics(Callback):
-    """Each domain normalised by its own BatchNorm statistics (adaptation.norm_statistics per_domain; AdaBN,
-    Li et al. 2016, "Revisiting batch normalization for practical domain adaptation").
-
-    While training, every BatchNorm layer (frozen ones too) reads the statistics of the batch it sees, and
-    each pass is one domain's batch, so the source is normalised by the source's statistics, the target by
-    the target's. After the epoch's last update, before the evaluation, each layer's running statistics
-    are re-estimated over `target` (every unlabelled target example, no augmentation): what the
-    evaluation and the saved model use. Training never reads them, so nothing needs to be put back.
-    """
-
-    def __init__(self, target: DataLoader):
-        self.target = target
-
-    def on_batch(self, loop, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        # after the loop's set_train_mode, which keeps frozen layers on their pretrained statistics
-        for layer in batch_norm_layers(loop.accelerator.unwrap_model(loop.model)):
-            layer.train()
-        return batch
-
-    def on_update(self, loop, end_of_epoch: bool) -> None:
-        if end_of_epoch:
-            with loop.untimed():
-                estimate_statistics(loop.accelerator.unwrap_model(loop.model), self.target, loop.accelerator.device)
-
-
-@torch.no_grad()
-def estimate_statistics(model: nn.Module, loader: DataLoader, device: torch.device) -> None:
-    """Every BatchNorm layer's running statistics, re-estimated as the plain average over `loader`'s batches."""
-    layers = batch_norm_layers(model)
-    momenta = [layer.momentum for layer in layers]
-    was_training = model.training
-    model.eval()
-    for layer in layers:
-        layer.reset_running_stats()
-        layer.momentum = None  # a cumulative average: every batch weighs the same
-        layer.train()
-    for batch in loader:
-        model(**{k: v.to(device) for k, v in batch.items() if k not in ("labels", "label")})
-    for layer, momentum in zip(layers, momenta):
-        layer.momentum = momentum
-    model.train(was_training)
-
-
 def whole_target_loader(target: Plan, batch_size: int) -> DataLoader:
     """Every target example (its train and validation splits), without augmentation, in a fixed order."""
     parts = [target.feature_source.loader(split, None) for split in ("train", "validation")]
@@ -192,11 +144,7 @@ def backbone_adaptation_plan(recipe: Recipe, source: Plan, accelerator: Accelera
         callbacks = [TargetBatches(target.train_loader), DomainObjective(config, backbone_view(head_input), discriminator)]
     target_examples = whole_target_loader(target, recipe.training.eval_batch_size)
     if config.norm_statistics == "per_domain":
-        if not batch_norm_layers(model):
-            raise HfTransferError(
-                f"adaptation.norm_statistics per_domain re-estimates BatchNorm statistics, but {recipe.model.name} has "
-                "no BatchNorm layer (transformers normalise each example on its own); set it to shared."
-            )
+        require_batch_norm(model, recipe.model.name)
         callbacks.append(PerDomainNormStatistics(target_examples))
 
     def report(accelerator: Accelerator) -> dict:

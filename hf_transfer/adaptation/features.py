@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from hf_transfer.adaptation.norms import estimate_statistics, norm_statistics, require_batch_norm
 from hf_transfer.adaptation.tca import TransferComponentAnalysis
 from hf_transfer.cache.head import feature_cache_dir
 from hf_transfer.cache.store import (
@@ -70,30 +71,44 @@ class DomainFeatures:
     source_train: Split
     source_validation: Split
     target: Split
+    # norm_statistics per_domain: the backbone's BatchNorm statistics the target's features were computed under
+    target_norm_statistics: dict[str, torch.Tensor] | None = None
 
 
 def domain_features(recipe: Recipe, source: Plan, target: Plan, accelerator: Accelerator) -> DomainFeatures:
-    """Features of every source and target example, from the per-example store or computed once."""
+    """Features of every source and target example, from the per-example store or computed once.
+
+    With norm_statistics per_domain, each domain's under its own BatchNorm statistics (norms.py), re-estimated
+    over all of its examples first: the source's, then the target's, which the model keeps.
+    """
     for task, role in ((source, "source"), (target, "target")):
         if task.feature_source is None:
             raise HfTransferError(f"The {recipe.task} task cannot provide frozen features for the {role} yet.")
+    per_domain = recipe.adaptation.norm_statistics == "per_domain"
+    if per_domain:
+        require_batch_norm(source.model, recipe.model.name)
     encoder = PooledFeatures(source.model, recipe.adaptation.features).to(accelerator.device)
-    # one entry per backbone, preprocessing, pooling and precision, in the run's feature cache folder
     preprocessing = f"{source.feature_source.preprocessing}; {recipe.adaptation.features} pooling"
-    key = FeatureKey(data="per example",
-                     **model_key_fields(recipe.model.name, source.model, preprocessing, accelerator.mixed_precision))
-    known = ExampleFeatures(FeatureStore(feature_cache_dir(recipe)), key)
+    store = FeatureStore(feature_cache_dir(recipe))
 
-    def features_of(task: Plan, split: str) -> Split:
-        loader = task.feature_source.loader(split, None)
-        return extract_features(encoder, loader, accelerator.device, accelerator.autocast, known=known,
-                                desc=f"features ({split})")
+    def features_of(task: Plan) -> dict[str, Split]:
+        loaders = {split: task.feature_source.loader(split, None) for split in ("train", "validation")}
+        if per_domain:
+            estimate_statistics(source.model, list(loaders.values()), accelerator.device)
+        # one entry per backbone (its statistics included), preprocessing, pooling and precision, in the run's
+        # feature cache folder
+        key = FeatureKey(data="per example", **model_key_fields(recipe.model.name, source.model, preprocessing,
+                                                                accelerator.mixed_precision))
+        known = ExampleFeatures(store, key)
+        return {split: extract_features(encoder, loader, accelerator.device, accelerator.autocast, known=known,
+                                        desc=f"features ({split})") for split, loader in loaders.items()}
 
-    target_parts = [features_of(target, "train"), features_of(target, "validation")]
+    source_splits, target_splits = features_of(source), features_of(target)
     return DomainFeatures(
-        source_train=features_of(source, "train"),
-        source_validation=features_of(source, "validation"),
-        target=(torch.cat([f for f, _ in target_parts]), torch.cat([y for _, y in target_parts])),
+        source_train=source_splits["train"],
+        source_validation=source_splits["validation"],
+        target=(torch.cat([f for f, _ in target_splits.values()]), torch.cat([y for _, y in target_splits.values()])),
+        target_norm_statistics=norm_statistics(source.model.model) if per_domain else None,
     )
 
 

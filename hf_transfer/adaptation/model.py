@@ -5,6 +5,7 @@ The backbone is the unchanged, frozen source model, so the folder names it inste
     adaptation.json              source model, task, adaptation settings, labels
     adaptation_head.safetensors  standardisation, bottleneck and classifier (the discriminator only trains)
     tca.safetensors              TCA's fitted map (method tca only)
+    target_norm_statistics.safetensors  the backbone's BatchNorm statistics on the target (norm_statistics per_domain)
     README.md                    what was adapted to what, the target accuracy, how to load it
 
 `load_adapted_model(folder)` rebuilds backbone + pooling + map + head as one module whose forward
@@ -28,7 +29,7 @@ from hf_transfer.adaptation.features import FeatureMap
 from hf_transfer.adaptation.head import AdaptationHead, AdaptedHeadModel
 from hf_transfer.adaptation.tca import TransferComponentAnalysis
 from hf_transfer.errors import HfTransferError
-from hf_transfer.export.layout import ADAPTATION_FILE, TCA_FILE
+from hf_transfer.export.layout import ADAPTATION_FILE, TARGET_NORMS_FILE, TCA_FILE
 from hf_transfer.export.layout import ADAPTATION_HEAD_FILE as HEAD_WEIGHTS_FILE
 from hf_transfer.recipe import AdaptationConfig, HeadConfig, ModelConfig, Recipe
 from hf_transfer.sources.base import TransferModel
@@ -37,10 +38,14 @@ from hf_transfer.sources.text import load_text_model
 from hf_transfer.sources.vision import load_vision_model
 
 
-def save_adapted_model(model: AdaptedHeadModel, feature_map: FeatureMap | None, recipe: Recipe, folder: Path) -> None:
-    """The head's weights (not the discriminator's), TCA's map, and what rebuilds the rest."""
+def save_adapted_model(model: AdaptedHeadModel, feature_map: FeatureMap | None, recipe: Recipe, folder: Path,
+                       target_norm_statistics: dict[str, torch.Tensor] | None = None) -> None:
+    """The head's weights (not the discriminator's), TCA's map, the target's BatchNorm statistics, and what
+    rebuilds the rest."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.model.state_dict().items()}
     save_file(state, str(folder / HEAD_WEIGHTS_FILE))
+    if target_norm_statistics is not None:
+        save_file(target_norm_statistics, str(folder / TARGET_NORMS_FILE))
     if feature_map is not None:
         arrays = {"samples": feature_map.tca.samples_, "components": feature_map.tca.components_,
                   "mean": feature_map.mean, "std": feature_map.std}
@@ -101,4 +106,9 @@ def load_adapted_model(folder: str | Path) -> AdaptedClassifier:
     head.load_state_dict(load_file(str(folder / HEAD_WEIGHTS_FILE)))
     feature_map = _load_feature_map(folder, config, info["tca"]) if info["tca"] else None
     backbone = BACKBONES[info["task"]](ModelConfig(**info["source_model"]), labels)
+    if (folder / TARGET_NORMS_FILE).is_file():  # the source model, normalising as on the target
+        loaded = backbone.model.load_state_dict(load_file(str(folder / TARGET_NORMS_FILE)), strict=False)
+        if loaded.unexpected_keys:
+            raise HfTransferError(f"{folder / TARGET_NORMS_FILE} names layers that {info['source_model']['name']} lacks: "
+                                  f"{loaded.unexpected_keys[:3]}; it was saved for another source model.")
     return AdaptedClassifier(backbone, config.features, head, feature_map, labels).eval()

@@ -126,6 +126,7 @@ def build_adaptation_plan(features: DomainFeatures, label_names: list[str], reci
             "source_path": recipe.data.path,
             "target_path": config.target_path,
             "features": config.features,
+            "norm_statistics": config.norm_statistics,
             "source_validation_accuracy": source["accuracy"],
         }}
 
@@ -142,7 +143,7 @@ def build_adaptation_plan(features: DomainFeatures, label_names: list[str], reci
         eval_loader=eval_loader("target"),  # reported every epoch, never used to choose
         label_names=label_names,
         train_labels=splits["train"][1].tolist(),
-        save=lambda folder: save_adapted_model(model, feature_map, recipe, folder),
+        save=lambda folder: save_adapted_model(model, feature_map, recipe, folder, features.target_norm_statistics),
         card="adapted",
         callbacks=objective,
         epoch_rule="last",

@@ -343,7 +343,7 @@ def write_two_tower_card(folder: Path, recipe: Recipe, summary: dict[str, Any]) 
 
 def write_adaptation_card(folder: Path, recipe: Recipe, summary: dict[str, Any]) -> Path:
     """A short README.md: the classifier card would describe a single-domain classifier."""
-    from hf_transfer.export.layout import ADAPTATION_HEAD_FILE
+    from hf_transfer.export.layout import ADAPTATION_HEAD_FILE, TARGET_NORMS_FILE
 
     adaptation = summary["adaptation"]
     evaluation = summary["eval"]
@@ -362,7 +362,10 @@ def write_adaptation_card(folder: Path, recipe: Recipe, summary: dict[str, Any])
         f"| seed | {summary['seed']} |",
         "",
         "The backbone is the unchanged source model; this folder holds the adapted head "
-        f"(`{ADAPTATION_HEAD_FILE}`){' and the TCA map' if adaptation['method'] == 'tca' else ''}.",
+        f"(`{ADAPTATION_HEAD_FILE}`){' and the TCA map' if adaptation['method'] == 'tca' else ''}"
+        + (f", and the backbone's BatchNorm statistics re-estimated on the target (`{TARGET_NORMS_FILE}`), which "
+           "the source's features were not computed with (per-domain statistics, AdaBN)."
+           if adaptation.get("norm_statistics") == "per_domain" else "."),
         "",
     ]
     return write_python_card(folder, lines, "hf_transfer.adapted_model", "load_adapted_model",

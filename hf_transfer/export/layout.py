@@ -25,6 +25,7 @@ FUSION_WEIGHTS_FILE = "fusion.safetensors"
 ADAPTATION_FILE = "adaptation.json"
 ADAPTATION_HEAD_FILE = "adaptation_head.safetensors"
 TCA_FILE = "tca.safetensors"
+TARGET_NORMS_FILE = "target_norm_statistics.safetensors"  # adaptation.norm_statistics per_domain, frozen backbone
 # a mean-pooled text run: a sentence-transformers folder (encoder at the top, then pooling, then the
 # linear head as a Dense layer), in the format every sentence-transformers release since 2 reads
 SENTENCE_MODULES_FILE = "modules.json"

@@ -283,12 +283,6 @@ def validate_adaptation(recipe: Recipe) -> None:
             "trains the backbone, which would change them; set strategy.name freeze_backbone, or use dann, cdan, mmd, "
             "coral or mcc."
         )
-    if adaptation.norm_statistics == "per_domain" and recipe.strategy.name == "freeze_backbone":
-        raise HfTransferError(
-            "adaptation.norm_statistics per_domain re-estimates the BatchNorm statistics of a backbone in the loop, "
-            "but freeze_backbone computes each example's features once, with the pretrained ones; set strategy.name "
-            "partial (or full, lora) to adapt the backbone, or norm_statistics shared."
-        )
     if adaptation.norm_statistics == "per_domain" and recipe.strategy.norm_statistics == "frozen":
         raise HfTransferError(
             "adaptation.norm_statistics per_domain normalises each domain by its own BatchNorm statistics, but "
