@@ -3,8 +3,10 @@
 For each recipe (a shipped name or a path to a recipe file), each method (none = source only, dann,
 cdan, mmd, coral, mcc, tca) and each seed, one ordinary `hf-transfer train --recipe R --set
 adaptation.method=M training.seed=S strategy.name=STRATEGY ...` run. A method written METHOD:per_domain
-also sets adaptation.norm_statistics=per_domain (each domain normalised by its own BatchNorm
-statistics), so `none:per_domain` is AdaBN alone. With the default strategy,
+or METHOD:shared also sets adaptation.norm_statistics (per_domain: each domain normalised by its own
+BatchNorm statistics), so `none:per_domain` is AdaBN alone; a bare method keeps the recipe's setting,
+except the source-only rows (`none`, the logistic regression) and the upper bound, which use no target
+images and run as plain runs (shared). With the default strategy,
 freeze_backbone, the backbone's features are computed once per example and shared by every run
 through one store, and a logistic regression fitted to convergence on the same stored source
 features (`head.solver`'s fit: L2 strength by cross-validation on the source) is the honest
@@ -32,7 +34,9 @@ from pathlib import Path
 
 RECIPES = ["pacs_photo_to_cartoon", "pacs_photo_to_art", "amazon_books_to_electronics", "amazon_dvd_to_books"]
 METHODS = ["none", "dann", "cdan", "mmd", "coral", "mcc", "tca"]
-PER_DOMAIN = ":per_domain"  # a method's suffix: with adaptation.norm_statistics=per_domain
+NORM_SUFFIXES = (":per_domain", ":shared")  # a method's suffix: its adaptation.norm_statistics
+PER_DOMAIN = NORM_SUFFIXES[0]
+PLAIN = ["adaptation.method=none", "adaptation.norm_statistics=shared"]  # no target image touches the model
 LOGISTIC = "logistic"  # the frozen source-only logistic regression, not a recipe method
 UPPER_BOUND = "target_labels"
 
@@ -60,7 +64,7 @@ def logistic_source_only(name: str, overrides: list[str], seed: int, log: Path) 
     from hf_transfer.recipe import load_recipe
     from hf_transfer.run import build_task, make_accelerator
 
-    recipe = load_recipe(name, [*overrides, "adaptation.method=none", f"training.seed={seed}"])
+    recipe = load_recipe(name, [*overrides, *PLAIN, f"training.seed={seed}"])
     with log.open("a") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
         accelerator = make_accelerator(recipe)
         source, _ = build_task(recipe, accelerator)
@@ -73,13 +77,17 @@ def logistic_source_only(name: str, overrides: list[str], seed: int, log: Path) 
 
 
 def method_overrides(method: str) -> list[str]:
-    base = method.removesuffix(PER_DOMAIN)
-    return [f"adaptation.method={base}"] + (["adaptation.norm_statistics=per_domain"] if base != method else [])
+    if method == "none":
+        return PLAIN
+    base, _, norms = method.partition(":")
+    return [f"adaptation.method={base}"] + ([f"adaptation.norm_statistics={norms}"] if norms else [])
 
 
 def method_choice(text: str) -> str:
-    if text.removesuffix(PER_DOMAIN) not in METHODS:
-        raise argparse.ArgumentTypeError(f"{text!r}: one of {', '.join(METHODS)}, optionally with {PER_DOMAIN}")
+    base, colon, norms = text.partition(":")
+    if base not in METHODS or (colon and f":{norms}" not in NORM_SUFFIXES):
+        raise argparse.ArgumentTypeError(f"{text!r}: one of {', '.join(METHODS)}, optionally with "
+                                         f"{' or '.join(NORM_SUFFIXES)}")
     return text
 
 
@@ -114,7 +122,7 @@ def measure(name: str, methods: list[str], seeds: list[int], common: list[str], 
         started = time.perf_counter()
         run_dir = output / label / UPPER_BOUND / f"seed{seed}"
         summary = run_quietly(name, [
-            *common, f"data.path={target}", "data.validation_fraction=0.2", "adaptation.method=none",
+            *common, f"data.path={target}", "data.validation_fraction=0.2", *PLAIN,
             f"training.seed={seed}", f"output.dir={run_dir}",
         ], output / "runs.log")
         record(UPPER_BOUND, seed, summary["adaptation"]["source_validation_accuracy"], started, " (held-out target)")
@@ -131,7 +139,7 @@ COLUMN_TITLES = {LOGISTIC: "source only, logistic regression", "none": "source o
 
 
 def column_title(column: str) -> str:
-    return COLUMN_TITLES.get(column) or column.replace(PER_DOMAIN, " + per-domain norms").upper()
+    return COLUMN_TITLES.get(column) or column.replace(PER_DOMAIN, " + per-domain norms").replace(":shared", "").upper()
 
 
 def table(results: dict[str, dict]) -> str:
@@ -155,7 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", nargs="+", default=RECIPES, help="shipped recipe names or recipe file paths")
     parser.add_argument("--methods", nargs="+", default=METHODS, type=method_choice,
-                        help=f"{', '.join(METHODS)}; METHOD{PER_DOMAIN} adds per-domain BatchNorm statistics")
+                        help=f"{', '.join(METHODS)}; METHOD{PER_DOMAIN} or METHOD:shared sets its BatchNorm statistics")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--strategy", default="freeze_backbone",
                         help="strategy.name of every run; one that trains the backbone adapts it in the loop")

@@ -41,6 +41,7 @@ def test_backbone_adaptation_trains_the_backbone_and_saves_a_stock_classifier(ti
     out = tmp_path / "out"
     summary = run_training(recipe_from_dict(backbone_recipe(tiny_bert_dir, source, target, out, method=method)))
     assert summary["adaptation"]["method"] == method and summary["adaptation"]["backbone"] == "trained (full)"
+    assert summary["adaptation"]["norm_statistics"] == "shared"  # auto: a transformer has no BatchNorm layer
     assert summary["eval"]["num_samples"] == 48  # the whole target scores every epoch
     assert summary["best_epoch"] == 2  # the last, never chosen by the target
     last_line = capsys.readouterr().out.strip().splitlines()[-1]

@@ -61,15 +61,16 @@ def test_per_domain_statistics_are_the_targets_in_the_saved_model(domains, tmp_p
 
     source, target = domains
     runs = {}
-    for statistics in ("shared", "per_domain"):
+    for statistics in ("shared", "auto"):  # auto: per_domain, since the model has BatchNorm layers
         out = tmp_path / statistics
         summary = run_training(recipe_from_dict(adaptation_recipe(source, target, out, statistics)))
-        assert summary["adaptation"]["norm_statistics"] == statistics
-        runs[statistics] = load_file(str(out / "model.safetensors"))
+        resolved = {"shared": "shared", "auto": "per_domain"}[statistics]
+        assert summary["adaptation"]["norm_statistics"] == resolved
+        runs[resolved] = load_file(str(out / "model.safetensors"))
     # shared: the frozen stem keeps the statistics it started with (a random model's zeros); per_domain: the target's
     assert torch.equal(runs["shared"][STEM_NORM], torch.zeros_like(runs["shared"][STEM_NORM]))
     assert not torch.equal(runs["per_domain"][STEM_NORM], runs["shared"][STEM_NORM])
-    reloaded = timm.create_model(f"local-dir:{tmp_path / 'per_domain'}", pretrained=True).eval()
+    reloaded = timm.create_model(f"local-dir:{tmp_path / 'auto'}", pretrained=True).eval()
     assert torch.equal(reloaded.bn1.running_mean, runs["per_domain"][STEM_NORM])  # a stock timm folder
 
 
@@ -81,12 +82,12 @@ def test_per_domain_statistics_without_batchnorm_is_one_clear_error(tiny_bert_di
     source = write_jsonl(tmp_path / "source.jsonl", keyword_sentences(32, seed=1))
     target = write_jsonl(tmp_path / "target.jsonl", target_sentences(16, seed=2))
     config = domain_recipe(tiny_bert_dir, source, target, tmp_path / "out", method="mcc", norm_statistics="per_domain")
-    with pytest.raises(HfTransferError, match="norm_statistics per_domain .* no BatchNorm layer"):
+    with pytest.raises(HfTransferError, match="norm_statistics per_domain .* no BatchNorm layer .* set it to auto or shared"):
         run_training(recipe_from_dict(config | {"strategy": {"name": strategy}}))
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
-def test_frozen_per_domain_features_and_the_saved_folder_score_the_target_alike(domains, tmp_path):
+def test_frozen_per_domain_features_and_the_saved_folder_score_the_target_alike(domains, tmp_path, monkeypatch):
     import timm
     from safetensors.torch import save_file
 
@@ -120,3 +121,12 @@ def test_frozen_per_domain_features_and_the_saved_folder_score_the_target_alike(
                 correct += int((model(pixel_values=batch["pixel_values"]).argmax(-1) == batch["labels"]).sum())
                 total += len(batch["labels"])
     assert total == 44 and correct / total == pytest.approx(summary["eval"]["accuracy"])
+
+    # a second run reads both domains' statistics (and so their features) from the store: no pass to estimate them
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the statistics were estimated again")
+
+    monkeypatch.setattr("hf_transfer.adaptation.features.estimate_statistics", no_pass)
+    again = run_training(recipe_from_dict(config))
+    assert again["eval"]["accuracy"] == summary["eval"]["accuracy"]
+    assert load_file(str(out / "target_norm_statistics.safetensors")).keys() == saved.keys()

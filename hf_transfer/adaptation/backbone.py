@@ -28,7 +28,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from hf_transfer.adaptation.features import load_target_task
 from hf_transfer.adaptation.head import method_discriminator
 from hf_transfer.adaptation.losses import DomainBatch
-from hf_transfer.adaptation.norms import PerDomainNormStatistics, require_batch_norm
+from hf_transfer.adaptation.norms import PerDomainNormStatistics, per_domain_statistics
 from hf_transfer.adaptation.objective import DomainObjective
 from hf_transfer.console import say
 from hf_transfer.errors import HfTransferError
@@ -143,8 +143,8 @@ def backbone_adaptation_plan(recipe: Recipe, source: Plan, accelerator: Accelera
             model.head_prefixes = [*model.head_prefixes, f"{DISCRIMINATOR}."]
         callbacks = [TargetBatches(target.train_loader), DomainObjective(config, backbone_view(head_input), discriminator)]
     target_examples = whole_target_loader(target, recipe.training.eval_batch_size)
-    if config.norm_statistics == "per_domain":
-        require_batch_norm(model, recipe.model.name)
+    per_domain = per_domain_statistics(recipe, model)
+    if per_domain:
         callbacks.append(PerDomainNormStatistics(target_examples))
 
     def report(accelerator: Accelerator) -> dict:
@@ -155,7 +155,8 @@ def backbone_adaptation_plan(recipe: Recipe, source: Plan, accelerator: Accelera
             "source_path": recipe.data.path,
             "target_path": config.target_path,
             "features": config.features,
-            "norm_statistics": config.norm_statistics,  # per_domain: the source is scored with the target's too
+            # per_domain: the source validation is scored under the target's statistics too
+            "norm_statistics": "per_domain" if per_domain else "shared",
             "source_validation_accuracy": source_validation["accuracy"],
         }}
 

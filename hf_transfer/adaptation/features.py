@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from accelerate import Accelerator
+from torch.utils.data import DataLoader
 
-from hf_transfer.adaptation.norms import estimate_statistics, norm_statistics, require_batch_norm
+from hf_transfer.adaptation.norms import estimate_statistics, norm_statistics, per_domain_statistics
 from hf_transfer.adaptation.tca import TransferComponentAnalysis
 from hf_transfer.cache.head import feature_cache_dir
 from hf_transfer.cache.store import (
@@ -84,17 +85,26 @@ def domain_features(recipe: Recipe, source: Plan, target: Plan, accelerator: Acc
     for task, role in ((source, "source"), (target, "target")):
         if task.feature_source is None:
             raise HfTransferError(f"The {recipe.task} task cannot provide frozen features for the {role} yet.")
-    per_domain = recipe.adaptation.norm_statistics == "per_domain"
-    if per_domain:
-        require_batch_norm(source.model, recipe.model.name)
+    per_domain = per_domain_statistics(recipe, source.model)
     encoder = PooledFeatures(source.model, recipe.adaptation.features).to(accelerator.device)
     preprocessing = f"{source.feature_source.preprocessing}; {recipe.adaptation.features} pooling"
     store = FeatureStore(feature_cache_dir(recipe))
+    pretrained = model_key_fields(recipe.model.name, source.model, preprocessing, accelerator.mixed_precision)
+
+    def take_own_statistics(task: Plan, loaders: dict[str, DataLoader]) -> None:
+        """The domain's statistics into the model: from the store, or estimated once (a pass over its examples)."""
+        data = "BatchNorm statistics over " + ", ".join(task.feature_source.fingerprint(split) for split in loaders)
+        key = FeatureKey(data=data, **pretrained)
+        if (stored := store.read(key)) is not None:
+            source.model.model.load_state_dict(stored, strict=False)
+            return
+        estimate_statistics(source.model, list(loaders.values()), accelerator.device)
+        store.write(key, norm_statistics(source.model.model))
 
     def features_of(task: Plan) -> dict[str, Split]:
         loaders = {split: task.feature_source.loader(split, None) for split in ("train", "validation")}
         if per_domain:
-            estimate_statistics(source.model, list(loaders.values()), accelerator.device)
+            take_own_statistics(task, loaders)
         # one entry per backbone (its statistics included), preprocessing, pooling and precision, in the run's
         # feature cache folder
         key = FeatureKey(data="per example", **model_key_fields(recipe.model.name, source.model, preprocessing,

@@ -16,6 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
 
 from hf_transfer.errors import HfTransferError
+from hf_transfer.recipe import Recipe
 from hf_transfer.training.plan import Callback
 
 
@@ -23,12 +24,18 @@ def batch_norm_layers(model: nn.Module) -> list[_BatchNorm]:
     return [module for module in model.modules() if isinstance(module, _BatchNorm)]
 
 
-def require_batch_norm(model: nn.Module, name: str) -> None:
-    if not batch_norm_layers(model):
+def per_domain_statistics(recipe: Recipe, model: nn.Module) -> bool:
+    """Whether each domain gets its own statistics: per_domain (refused for a model without BatchNorm), or
+    auto where the model has BatchNorm layers and strategy.norm_statistics does not keep the pretrained ones."""
+    setting = recipe.adaptation.norm_statistics
+    if setting == "per_domain" and not batch_norm_layers(model):
         raise HfTransferError(
-            f"adaptation.norm_statistics per_domain re-estimates BatchNorm statistics, but {name} has no BatchNorm "
-            "layer (transformers normalise each example on its own); set it to shared."
+            f"adaptation.norm_statistics per_domain re-estimates BatchNorm statistics, but {recipe.model.name} has no "
+            "BatchNorm layer (transformers normalise each example on its own); set it to auto or shared."
         )
+    if setting == "auto":
+        return bool(batch_norm_layers(model)) and recipe.strategy.norm_statistics != "frozen"
+    return setting == "per_domain"
 
 
 class PerDomainNormStatistics(Callback):
@@ -67,15 +74,20 @@ def estimate_statistics(model: nn.Module, loaders: DataLoader | list[DataLoader]
         layer.reset_running_stats()
         layer.momentum = None  # a cumulative average: every batch weighs the same
         layer.train()
-    for loader in loaders if isinstance(loaders, list) else [loaders]:
-        for batch in loader:
-            model(**{k: v.to(device) for k, v in batch.items() if k not in ("labels", "label")})
+    # a loader's iterator draws its base seed from torch's global generator: forked, so that a run reading the
+    # statistics from the feature store trains exactly as the run that estimated them
+    with torch.random.fork_rng(devices=[]):
+        for loader in loaders if isinstance(loaders, list) else [loaders]:
+            for batch in loader:
+                model(**{k: v.to(device) for k, v in batch.items() if k not in ("labels", "label")})
     for layer, momentum in zip(layers, momenta):
         layer.momentum = momentum
     model.train(was_training)
 
 
 def norm_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The running statistics of every BatchNorm layer, by state-dict name: what a frozen run saves."""
-    return {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()
-            if name.endswith(("running_mean", "running_var"))}
+    """Every BatchNorm layer's buffers (running statistics, batch count), by state-dict name: what a frozen run
+    saves and the feature store keeps."""
+    return {f"{prefix}.{name}" if prefix else name: buffer.detach().cpu().contiguous()
+            for prefix, layer in model.named_modules() if isinstance(layer, _BatchNorm)
+            for name, buffer in layer.named_buffers(recurse=False) if buffer is not None}

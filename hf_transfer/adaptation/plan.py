@@ -126,7 +126,7 @@ def build_adaptation_plan(features: DomainFeatures, label_names: list[str], reci
             "source_path": recipe.data.path,
             "target_path": config.target_path,
             "features": config.features,
-            "norm_statistics": config.norm_statistics,
+            "norm_statistics": "per_domain" if features.target_norm_statistics is not None else "shared",
             "source_validation_accuracy": source["accuracy"],
         }}
 

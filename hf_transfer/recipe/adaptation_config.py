@@ -40,13 +40,14 @@ class AdaptationConfig:
         2.5, "mcc: temperature that softens the target predictions before their class confusion is measured "
         "(the paper's 2.5).", above=0
     )
-    norm_statistics: Literal["per_domain", "shared"] = _f(
-        "shared",
-        "A backbone in the loop with BatchNorm layers: per_domain normalises each domain by its own statistics "
-        "(AdaBN, Li et al. 2016): every BatchNorm layer, frozen ones too, reads the batch's own statistics while "
-        "training (each batch is one domain), and before each evaluation the running statistics are re-estimated "
-        "on the whole unlabelled target, so the saved model carries the target's. shared: the layers run as in a "
-        "plain run of the strategy (frozen ones keep the pretrained statistics).",
+    norm_statistics: Literal["auto", "per_domain", "shared"] = _f(
+        "auto",
+        "A backbone with BatchNorm layers: per_domain normalises each domain by its own statistics (AdaBN, Li et "
+        "al. 2016), the target's saved. With the backbone in the loop every BatchNorm layer, frozen ones too, reads "
+        "the batch's own statistics while training (each batch is one domain) and the running ones are "
+        "re-estimated on the whole unlabelled target before each evaluation; with freeze_backbone each domain's "
+        "features are computed under its own re-estimated statistics. shared: as a plain run of the strategy. "
+        "auto: per_domain where the model has BatchNorm layers (and strategy.norm_statistics is update), else shared.",
     )
     bottleneck_dim: int = _f(256, "Width of the bottleneck layer whose features the domain loss aligns.", at_least=1)
     dropout: float = _f(0.5, "Dropout after the bottleneck (and inside the domain discriminator).", at_least=0, below=1)
