@@ -130,3 +130,22 @@ def test_frozen_per_domain_features_and_the_saved_folder_score_the_target_alike(
     again = run_training(recipe_from_dict(config))
     assert again["eval"]["accuracy"] == summary["eval"]["accuracy"]
     assert load_file(str(out / "target_norm_statistics.safetensors")).keys() == saved.keys()
+
+
+def test_the_source_is_scored_under_its_own_statistics_and_the_targets_come_back():
+    from types import SimpleNamespace
+
+    from hf_transfer.adaptation.backbone import source_statistics
+
+    torch.manual_seed(0)
+    model = ConvNorm().eval()
+
+    def loader(shift: float) -> DataLoader:
+        return DataLoader([{"pixel_values": image} for image in torch.randn(8, 3, 8, 8) + shift], batch_size=4)
+
+    estimate_statistics(model, loader(5.0), torch.device("cpu"))
+    target_mean = model.norm.running_mean.clone()
+    source = SimpleNamespace(feature_source=SimpleNamespace(loader=lambda split, view: loader(-5.0)))
+    with source_statistics(model, source, torch.device("cpu")):
+        assert not torch.allclose(model.norm.running_mean, target_mean)
+    assert torch.equal(model.norm.running_mean, target_mean)

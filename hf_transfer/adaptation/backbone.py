@@ -18,6 +18,7 @@ any other run. The whole target, without augmentation, is evaluated each epoch; 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
@@ -28,7 +29,12 @@ from torch.utils.data import ConcatDataset, DataLoader
 from hf_transfer.adaptation.features import load_target_task
 from hf_transfer.adaptation.head import method_discriminator
 from hf_transfer.adaptation.losses import DomainBatch
-from hf_transfer.adaptation.norms import PerDomainNormStatistics, per_domain_statistics
+from hf_transfer.adaptation.norms import (
+    PerDomainNormStatistics,
+    estimate_statistics,
+    norm_statistics,
+    per_domain_statistics,
+)
 from hf_transfer.adaptation.objective import DomainObjective
 from hf_transfer.console import say
 from hf_transfer.errors import HfTransferError
@@ -117,6 +123,18 @@ class TargetBatches(Callback):
         return {**batch, **extra}
 
 
+@contextlib.contextmanager
+def source_statistics(model: TransferModel, source: Plan, device: torch.device) -> Iterator[None]:
+    """The source's own BatchNorm statistics in the model (estimated over its training examples, without
+    augmentation) while the source validation is scored; the target's back afterwards."""
+    saved = norm_statistics(model)
+    estimate_statistics(model, source.feature_source.loader("train", None), device)
+    try:
+        yield
+    finally:
+        model.load_state_dict(saved, strict=False)
+
+
 def whole_target_loader(target: Plan, batch_size: int) -> DataLoader:
     """Every target example (its train and validation splits), without augmentation, in a fixed order."""
     parts = [target.feature_source.loader(split, None) for split in ("train", "validation")]
@@ -148,14 +166,14 @@ def backbone_adaptation_plan(recipe: Recipe, source: Plan, accelerator: Accelera
         callbacks.append(PerDomainNormStatistics(target_examples))
 
     def report(accelerator: Accelerator) -> dict:
-        source_validation = evaluate(model, accelerator.prepare(source.eval_loader), accelerator, source.label_names)
+        with source_statistics(model, source, accelerator.device) if per_domain else contextlib.nullcontext():
+            source_validation = evaluate(model, accelerator.prepare(source.eval_loader), accelerator, source.label_names)
         return {"adaptation": {
             "method": config.method,
             "backbone": f"trained ({recipe.strategy.name})",
             "source_path": recipe.data.path,
             "target_path": config.target_path,
             "features": config.features,
-            # per_domain: the source validation is scored under the target's statistics too
             "norm_statistics": "per_domain" if per_domain else "shared",
             "source_validation_accuracy": source_validation["accuracy"],
         }}

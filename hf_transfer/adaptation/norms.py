@@ -88,6 +88,6 @@ def estimate_statistics(model: nn.Module, loaders: DataLoader | list[DataLoader]
 def norm_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every BatchNorm layer's buffers (running statistics, batch count), by state-dict name: what a frozen run
     saves and the feature store keeps."""
-    return {f"{prefix}.{name}" if prefix else name: buffer.detach().cpu().contiguous()
+    return {f"{prefix}.{name}" if prefix else name: buffer.detach().cpu().clone()
             for prefix, layer in model.named_modules() if isinstance(layer, _BatchNorm)
             for name, buffer in layer.named_buffers(recurse=False) if buffer is not None}
