@@ -70,6 +70,7 @@ def test_per_domain_statistics_are_the_targets_in_the_saved_model(domains, tmp_p
     # shared: the frozen stem keeps the statistics it started with (a random model's zeros); per_domain: the target's
     assert torch.equal(runs["shared"][STEM_NORM], torch.zeros_like(runs["shared"][STEM_NORM]))
     assert not torch.equal(runs["per_domain"][STEM_NORM], runs["shared"][STEM_NORM])
+    assert "re-estimated on the target (per-domain statistics" in (tmp_path / "auto" / "README.md").read_text()
     reloaded = timm.create_model(f"local-dir:{tmp_path / 'auto'}", pretrained=True).eval()
     assert torch.equal(reloaded.bn1.running_mean, runs["per_domain"][STEM_NORM])  # a stock timm folder
 

@@ -20,7 +20,7 @@ import yaml
 
 from hf_transfer.errors import HfTransferError
 from hf_transfer.export.card_search import search_section
-from hf_transfer.export.card_training import head_first_text, solver_text, training_text
+from hf_transfer.export.card_training import adaptation_text, head_first_text, solver_text, training_text
 from hf_transfer.export.folder import write_text
 from hf_transfer.export.layout import (
     CARD_FILE,
@@ -241,7 +241,7 @@ def card_values(recipe: Recipe, summary: dict[str, Any], folder: Path, repo_id: 
         "training": training_text(recipe, summary, processes),
         "data": (
             f"`{recipe.data.path}`: {summary.get('train_samples', '?')} training, "
-            f"{scores['num_samples']} validation examples"
+            f"{scores['num_samples']} validation examples" + adaptation_text(summary)
         ),
         "labels": ", ".join(labels[:30]) + (f", ... ({len(labels)} in all)" if len(labels) > 30 else ""),
         "recipe_name": recipe.name,

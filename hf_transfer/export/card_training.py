@@ -61,6 +61,18 @@ def evaluated_weights_text(t: TrainingConfig, summary: dict[str, Any]) -> str:
     return ""
 
 
+def adaptation_text(summary: dict[str, Any]) -> str:
+    """A domain-adaptation run with the backbone in the loop: what its evaluation examples and statistics are."""
+    adaptation = summary.get("adaptation")
+    if not adaptation:
+        return ""
+    return (f"; adapted without labels to `{adaptation['target_path']}` (method {adaptation['method']}): the "
+            "evaluation examples are that whole target, whose labels only scored the epochs"
+            + ("; its BatchNorm statistics were re-estimated on the target (per-domain statistics, AdaBN), so the "
+               "model normalises inputs as on the target, not as on the source"
+               if adaptation.get("norm_statistics") == "per_domain" else ""))
+
+
 def training_text(recipe: Recipe, summary: dict[str, Any], processes: int) -> str:
     t = recipe.training
     if summary.get("head_solver"):  # no loop ran: epochs, rates and schedule did not apply
