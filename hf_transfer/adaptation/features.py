@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from accelerate import Accelerator
-from torch.utils.data import DataLoader
 
 from hf_transfer.adaptation.norms import estimate_statistics, norm_statistics, per_domain_statistics
 from hf_transfer.adaptation.tca import TransferComponentAnalysis
@@ -32,6 +31,7 @@ from hf_transfer.tasks import task_builder
 from hf_transfer.training.plan import Plan
 
 Split = tuple[torch.Tensor, torch.Tensor]  # (features, labels)
+SPLITS = ("train", "validation")  # a domain's examples: both splits (the target is used whole)
 
 
 def target_recipe(recipe: Recipe) -> Recipe:
@@ -91,20 +91,23 @@ def domain_features(recipe: Recipe, source: Plan, target: Plan, accelerator: Acc
     store = FeatureStore(feature_cache_dir(recipe))
     pretrained = model_key_fields(recipe.model.name, source.model, preprocessing, accelerator.mixed_precision)
 
-    def take_own_statistics(task: Plan, loaders: dict[str, DataLoader]) -> None:
+    def take_own_statistics(task: Plan) -> None:
         """The domain's statistics into the model: from the store, or estimated once (a pass over its examples)."""
-        data = "BatchNorm statistics over " + ", ".join(task.feature_source.fingerprint(split) for split in loaders)
+        data = "BatchNorm statistics over " + ", ".join(task.feature_source.fingerprint(split) for split in SPLITS)
         key = FeatureKey(data=data, **pretrained)
         if (stored := store.read(key)) is not None:
             source.model.model.load_state_dict(stored, strict=False)
             return
-        estimate_statistics(source.model, list(loaders.values()), accelerator.device)
+        # loaders of its own: one that persists its workers would otherwise skip the random draw a first pass makes,
+        # and the run would go on with other random numbers than a run that finds the statistics stored
+        estimate_statistics(source.model, [task.feature_source.loader(split, None) for split in SPLITS],
+                            accelerator.device)
         store.write(key, norm_statistics(source.model.model))
 
     def features_of(task: Plan) -> dict[str, Split]:
-        loaders = {split: task.feature_source.loader(split, None) for split in ("train", "validation")}
         if per_domain:
-            take_own_statistics(task, loaders)
+            take_own_statistics(task)
+        loaders = {split: task.feature_source.loader(split, None) for split in SPLITS}
         # one entry per backbone (its statistics included), preprocessing, pooling and precision, in the run's
         # feature cache folder
         key = FeatureKey(data="per example", **model_key_fields(recipe.model.name, source.model, preprocessing,
