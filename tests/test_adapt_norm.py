@@ -61,9 +61,11 @@ def test_per_domain_statistics_are_the_targets_in_the_saved_model(domains, tmp_p
 
     source, target = domains
     runs = {}
-    for statistics in ("shared", "auto"):  # auto: per_domain, since the model has BatchNorm layers
+    for statistics in ("shared", "auto"):  # auto with mcc: per_domain, since the model has BatchNorm layers
         out = tmp_path / statistics
-        summary = run_training(recipe_from_dict(adaptation_recipe(source, target, out, statistics)))
+        config = adaptation_recipe(source, target, out, statistics)
+        config["adaptation"]["method"] = "mcc"
+        summary = run_training(recipe_from_dict(config))
         resolved = {"shared": "shared", "auto": "per_domain"}[statistics]
         assert summary["adaptation"]["norm_statistics"] == resolved
         runs[resolved] = load_file(str(out / "model.safetensors"))
@@ -150,3 +152,16 @@ def test_the_source_is_scored_under_its_own_statistics_and_the_targets_come_back
     with source_statistics(model, source, torch.device("cpu")):
         assert not torch.allclose(model.norm.running_mean, target_mean)
     assert torch.equal(model.norm.running_mean, target_mean)
+
+
+@pytest.mark.parametrize(("method", "statistics", "expected"), [
+    ("mcc", "auto", True), ("none", "auto", False), ("none", "per_domain", True), ("mcc", "shared", False),
+])
+def test_auto_gives_each_domain_its_statistics_only_where_a_method_adapts(domains, tmp_path, method, statistics,
+                                                                          expected):
+    from hf_transfer.adaptation.norms import per_domain_statistics
+
+    source, target = domains
+    config = adaptation_recipe(source, target, tmp_path / "out", statistics)
+    config["adaptation"]["method"] = method
+    assert per_domain_statistics(recipe_from_dict(config), ConvNorm()) is expected

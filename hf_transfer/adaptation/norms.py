@@ -25,8 +25,9 @@ def batch_norm_layers(model: nn.Module) -> list[_BatchNorm]:
 
 
 def per_domain_statistics(recipe: Recipe, model: nn.Module) -> bool:
-    """Whether each domain gets its own statistics: per_domain (refused for a model without BatchNorm), or
-    auto where the model has BatchNorm layers and strategy.norm_statistics does not keep the pretrained ones."""
+    """Whether each domain gets its own statistics: per_domain (refused for a model without BatchNorm), or auto
+    where a method adapts (method none stays the source-only baseline), the model has BatchNorm layers and
+    strategy.norm_statistics does not keep the pretrained ones."""
     setting = recipe.adaptation.norm_statistics
     if setting == "per_domain" and not batch_norm_layers(model):
         raise HfTransferError(
@@ -34,7 +35,8 @@ def per_domain_statistics(recipe: Recipe, model: nn.Module) -> bool:
             "BatchNorm layer (transformers normalise each example on its own); set it to auto or shared."
         )
     if setting == "auto":
-        return bool(batch_norm_layers(model)) and recipe.strategy.norm_statistics != "frozen"
+        return (recipe.adaptation.method != "none" and bool(batch_norm_layers(model))
+                and recipe.strategy.norm_statistics != "frozen")
     return setting == "per_domain"
 
 

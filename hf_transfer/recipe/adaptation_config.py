@@ -47,7 +47,8 @@ class AdaptationConfig:
         "the batch's own statistics while training (each batch is one domain) and the running ones are "
         "re-estimated on the whole unlabelled target before each evaluation; with freeze_backbone each domain's "
         "features are computed under its own re-estimated statistics. shared: as a plain run of the strategy. "
-        "auto: per_domain where the model has BatchNorm layers (and strategy.norm_statistics is update), else shared.",
+        "auto: per_domain where a method adapts (not none, the source-only baseline) and the model has BatchNorm "
+        "layers (and strategy.norm_statistics is update), else shared.",
     )
     bottleneck_dim: int = _f(256, "Width of the bottleneck layer whose features the domain loss aligns.", at_least=1)
     dropout: float = _f(0.5, "Dropout after the bottleneck (and inside the domain discriminator).", at_least=0, below=1)
