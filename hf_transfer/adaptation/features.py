@@ -105,14 +105,14 @@ def domain_features(recipe: Recipe, source: Plan, target: Plan, accelerator: Acc
         store.write(key, norm_statistics(source.model.model))
 
     def features_of(task: Plan) -> dict[str, Split]:
-        if per_domain:
-            take_own_statistics(task)
-        loaders = {split: task.feature_source.loader(split, None) for split in SPLITS}
         # one entry per backbone (its statistics included), preprocessing, pooling and precision, in the run's
         # feature cache folder
-        key = FeatureKey(data="per example", **model_key_fields(recipe.model.name, source.model, preprocessing,
-                                                                accelerator.mixed_precision))
-        known = ExampleFeatures(store, key)
+        fields = pretrained
+        if per_domain:
+            take_own_statistics(task)
+            fields = model_key_fields(recipe.model.name, source.model, preprocessing, accelerator.mixed_precision)
+        loaders = {split: task.feature_source.loader(split, None) for split in SPLITS}
+        known = ExampleFeatures(store, FeatureKey(data="per example", **fields))
         return {split: extract_features(encoder, loader, accelerator.device, accelerator.autocast, known=known,
                                         desc=f"features ({split})") for split, loader in loaders.items()}
 

@@ -52,10 +52,14 @@ class PerDomainNormStatistics(Callback):
 
     def __init__(self, target: DataLoader):
         self.target = target
+        self.layers: list[_BatchNorm] = []
+
+    def on_train_begin(self, loop) -> None:
+        self.layers = batch_norm_layers(loop.accelerator.unwrap_model(loop.model))
 
     def on_batch(self, loop, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # after the loop's set_train_mode, which keeps frozen layers on their pretrained statistics
-        for layer in batch_norm_layers(loop.accelerator.unwrap_model(loop.model)):
+        for layer in self.layers:
             layer.train()
         return batch
 
