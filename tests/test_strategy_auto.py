@@ -60,7 +60,10 @@ def test_auto_records_every_rung_and_why_the_winner_won(text_auto):
     for rung in search["rungs"]:
         assert 0 <= rung["accuracy"] <= 1 and rung["seconds"] > 0 and 1 <= rung["best_epoch"] <= rung["epochs"] <= 3
     assert search["rungs"][0]["epochs"] == 1  # the frozen head: fitted by the solver, evaluated once
-    assert search["early_stopping_patience"] == 1 and search["time_budget"] is None
+    # the ladder's own patience: 1 epoch for these text rungs, whose epochs are not mixed with their start
+    assert search["early_stopping_patience"] is None and search["time_budget"] is None
+    assert search["rules"]["patience"].startswith("a rung stops after 1 epoch(s) without a better accuracy")
+    assert [rung["patience"] for rung in search["rungs"]] == [1, 1, 1, 1]
     assert search["tie_tolerance"] == pytest.approx(0.5 / 60)
     winner = next(rung for rung in search["rungs"] if rung["strategy"] == search["winner"])
     best = max(rung["accuracy"] for rung in search["rungs"])
@@ -120,7 +123,7 @@ def test_successive_halving_stops_the_lower_half_and_the_rung_that_goes_on_train
 
     # partial paused after epochs 1, 2 and 3 and was resumed from its checkpoint each time: its epochs are
     # exactly those of the same rung run alone, from start to end
-    alone = rung_recipe(recipe, "partial", patience=4)
+    alone = rung_recipe(recipe, "partial")
     alone = run_training(dataclasses.replace(alone, output=dataclasses.replace(alone.output, dir=str(tmp_path / "alone"))))
     logged = [json.loads(line) for line in (out / "ladder" / "partial" / "log.jsonl").read_text().splitlines()]
     assert [record for record in logged if "accuracy" in record] == alone["history"]
@@ -151,10 +154,14 @@ def test_auto_on_a_cnn_skips_lora_saying_why_and_a_tie_goes_to_the_frozen_head(t
 
     colours = write_colour_folder(tmp_path / "colours")  # the colour decides: the frozen head already gets all
     out = tmp_path / "out"
-    recipe = image_recipe(colours, out, strategy={"name": "auto", "trainable_blocks": 1}, training={"epochs": 2})
+    # the fine-tuning rungs evaluated on weights halfway between their start and the fine-tuned ones
+    recipe = image_recipe(colours, out, strategy={"name": "auto", "trainable_blocks": 1},
+                          training={"epochs": 2, "weight_interpolation": 0.5})
     summary = run_ladder(recipe_from_dict(recipe))
 
     rungs = {rung["strategy"]: rung for rung in summary["strategy_search"]["rungs"]}
+    # the ladder's patience counts 1 / share epochs where the evaluated weights move only that share as far
+    assert (rungs["freeze_backbone"]["patience"], rungs["partial"]["patience"], rungs["full"]["patience"]) == (1, 2, 2)
     assert rungs["lora"]["status"] == "skipped" and "no default LoRA targets" in rungs["lora"]["reason"]
     assert "strategy.lora.target_modules" in rungs["lora"]["reason"]
     assert rungs["freeze_backbone"]["accuracy"] == 1.0
@@ -171,6 +178,12 @@ def test_auto_on_a_cnn_skips_lora_saying_why_and_a_tie_goes_to_the_frozen_head(t
 
 
 # ------------------------------------------------------------------ the rules
+
+
+def test_the_ladders_patience_counts_the_share_of_the_movement_an_epoch_is_evaluated_on():
+    from hf_transfer.ladder.rules import rung_patience
+
+    assert [rung_patience(share) for share in (None, 1.0, 0.5, 0.3)] == [1, 1, 2, 4]
 
 
 def test_a_tie_within_half_a_validation_example_goes_to_the_cheaper_rung():
@@ -294,7 +307,7 @@ def test_the_lora_rung_trains_at_a_larger_rate_and_the_others_at_the_recipes():
 
     recipe = recipe_from_dict({"task": "text", "model": {"name": "x"}, "strategy": {"name": "auto"},
                                "training": {"lr": 1e-4, "backbone_lr": 2e-5, "head_lr": 1e-3}})
-    lora = rung_recipe(recipe, "lora", patience=1).training
+    lora = rung_recipe(recipe, "lora").training
     assert (lora.lr, lora.backbone_lr, lora.head_lr) == pytest.approx((1e-4 * LORA_LR_SCALE, 2e-5 * LORA_LR_SCALE, 1e-3))
-    full = rung_recipe(recipe, "full", patience=1).training
+    full = rung_recipe(recipe, "full").training
     assert (full.lr, full.backbone_lr, full.head_lr) == (1e-4, 2e-5, 1e-3)

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 
 from hf_transfer.console import bar
 from hf_transfer.sources.base import TransferModel
+from hf_transfer.sources.folding import folded_if_same
 
 logger = logging.getLogger(__name__)
 
@@ -218,14 +219,18 @@ def extract_features(
     run the model and are added (and saved at the end).
     """
     model.eval()
+    encoder: nn.Module | None = None  # the model with its BatchNorm folded where that computes the same features
     features, labels = [], []
     for batch in bar(loader, desc=desc, total=len(loader), unit="batch"):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         digests = example_digests(inputs) if known is not None else []
         batch_features = known.lookup(digests) if known is not None else None
         if batch_features is None:
+            on_device = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+            if encoder is None:
+                encoder = folded_if_same(model, "features", on_device)
             with autocast():
-                batch_features = model.features(**{k: v.to(device, non_blocking=True) for k, v in inputs.items()}).float().cpu()
+                batch_features = encoder.features(**on_device).float().cpu()
             if known is not None:
                 known.add(digests, batch_features)
         features.append(batch_features)

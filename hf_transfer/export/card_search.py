@@ -27,7 +27,7 @@ def search_section(summary: dict[str, Any]) -> dict[str, Any] | None:
     budget = f"a time budget of {search['time_budget']:g} s" if search["time_budget"] is not None else "no time budget"
     intro = (
         f"`strategy.name: auto` tried the ladder {', '.join(search['rules']['order'])} (cheapest first) with {budget} "
-        f"and early stopping after {search['early_stopping_patience']} epoch(s) without a better {search['metric']}, "
+        f"and early stopping ({search['rules']['patience']}), "
         f"in {search['seconds']:.1f} s{'; the budget was exceeded' if search['budget_exceeded'] else ''}. "
         f"{search['rules']['halving'][0].upper()}{search['rules']['halving'][1:]}. The winner: {search['rules']['tie']}."
     )

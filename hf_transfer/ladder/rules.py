@@ -27,6 +27,18 @@ from hf_transfer.sources.base import TransferModel
 # a better metric ends a rung. The ladder is a search, and each rung keeps its best epoch anyway, so
 # an epoch spent confirming a plateau is budget the costlier rungs lose.
 LADDER_PATIENCE = 1
+# A rung evaluated on weights mixed with its start (training.weight_interpolation, a share of the fine-tuned
+# ones) moves only that share as far per epoch, so on a small validation split an epoch that does not beat the
+# best is often a tie, not a plateau: the ladder's own patience then counts 1 / share epochs (2 at auto's 0.5).
+# Hymenoptera, full with the interpolation: 95.4, 95.4, 96.1, ... stopped after epoch 2 at patience 1
+# (benchmarks/BENCHMARKS.md, issue 12). A patience the recipe sets is kept as it is.
+PATIENCE_RULE = (f"a rung stops after {LADDER_PATIENCE} epoch(s) without a better {{metric}}, or 1 / share as many "
+                 "where its epochs are evaluated on weights mixed with its start (training.weight_interpolation)")
+
+
+def rung_patience(share: float | None) -> int:
+    """The ladder's own patience for a rung whose evaluated weights hold `share` of the fine-tuned ones (None: all)."""
+    return LADDER_PATIENCE if share is None else math.ceil(LADDER_PATIENCE / share)
 # a fine-tuning epoch passes every training example forward and backward (about three forward
 # passes' work), where the frozen rung passed each example once, without gradients
 FORWARD_PASSES_PER_EPOCH = 3
@@ -106,6 +118,7 @@ class RungResult:
     epochs: int | None = None  # epochs run (the solver: 1)
     seconds: float | None = None  # the whole rung: task build, features, head fit, training, evaluation
     stopped_early: bool = False
+    patience: int | None = None  # the early stopping patience it trained with (PATIENCE_RULE)
     stopped_by_budget: bool = False
     trainable_parameters: int | None = None
     # the seconds of one forward pass over both splits (what the frozen rung measures; None: not measured)

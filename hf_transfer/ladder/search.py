@@ -35,9 +35,9 @@ from hf_transfer.ladder.rules import (
     BUDGET_RULE,
     HALVING_RULE,
     LADDER,
-    LADDER_PATIENCE,
     LORA_LR_SCALE,
     LORA_RULE,
+    PATIENCE_RULE,
     TIE_RULE,
     RungResult,
     budget_blocker,
@@ -45,6 +45,7 @@ from hf_transfer.ladder.rules import (
     halve,
     pass_seconds,
     pick_winner,
+    rung_patience,
     still_in_the_running,
     tie_tolerance,
 )
@@ -62,7 +63,7 @@ from hf_transfer.run import (
 )
 from hf_transfer.sources.base import TransferModel
 from hf_transfer.tasks import task_builder
-from hf_transfer.training.callbacks import Checkpointing, Deadline, recipe_callbacks
+from hf_transfer.training.callbacks import Checkpointing, Deadline, interpolation_share, recipe_callbacks
 from hf_transfer.training.checkpoint import CHECKPOINTS_DIR, Checkpointer, list_checkpoints
 from hf_transfer.training.loop import train
 from hf_transfer.training.state import Loop
@@ -98,9 +99,10 @@ class Pause(Checkpointing):
             self.paused = loop.stop = True
 
 
-def rung_recipe(recipe: Recipe, strategy: str, patience: int) -> Recipe:
-    """The recipe of one rung: the run of `strategy` alone, as recipe.yaml will name the winner's (LORA_RULE)."""
-    training = dataclasses.replace(recipe.training, time_budget=None, early_stopping_patience=patience)
+def rung_recipe(recipe: Recipe, strategy: str) -> Recipe:
+    """The recipe of one rung: the run of `strategy` alone, as recipe.yaml will name the winner's (LORA_RULE); its
+    early stopping patience is set once its plan is built (PATIENCE_RULE)."""
+    training = dataclasses.replace(recipe.training, time_budget=None)
     if strategy == "lora":  # strategy auto takes numbers for training.lr (recipe/checks.py)
         backbone_lr = training.backbone_lr * LORA_LR_SCALE if training.backbone_lr else None
         training = dataclasses.replace(training, lr=training.lr * LORA_LR_SCALE, backbone_lr=backbone_lr)
@@ -124,7 +126,7 @@ class Ladder:
 
     def __init__(self, recipe: Recipe, accelerator: Accelerator):
         self.recipe, self.accelerator = recipe, accelerator
-        self.patience = recipe.training.early_stopping_patience or LADDER_PATIENCE
+        self.patience = recipe.training.early_stopping_patience  # None: the ladder's own (rules.PATIENCE_RULE)
         self.budget = recipe.training.time_budget
         self.started = time.perf_counter()
         self.results: list[RungResult] = []
@@ -153,7 +155,7 @@ class Ladder:
 
     def read_source(self, model: TransferModel) -> None:
         """What the rungs' blockers say of the source model (the frozen rung's, strategy applied)."""
-        self.blocked = {rung.strategy: rung.blocker(rung_recipe(self.recipe, rung.strategy, self.patience), model)
+        self.blocked = {rung.strategy: rung.blocker(rung_recipe(self.recipe, rung.strategy), model)
                         for rung in LADDER}
 
     def skip_reason(self, strategy: str) -> str | None:
@@ -166,13 +168,15 @@ class Ladder:
 
     def train_rung(self, strategy: str, until: int | None, earlier: RungResult | None = None) -> RungResult:
         """Train a rung from its start, or from where `earlier` paused, until epoch `until` (None: the end)."""
-        recipe, accelerator = rung_recipe(self.recipe, strategy, self.patience), self.accelerator
+        recipe, accelerator = rung_recipe(self.recipe, strategy), self.accelerator
         started = time.perf_counter()
         accelerator.free_memory()  # a checkpoint saves what the accelerator holds: this rung's objects only
         task, parameters = build_task(recipe, accelerator)
         plan_started = time.perf_counter()
         plan = training_plan(recipe, task, accelerator)  # the frozen rung: its features computed (or read) here
         plan_seconds = time.perf_counter() - plan_started
+        patience = self.patience or rung_patience(interpolation_share(recipe.training, plan))
+        recipe = dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, early_stopping_patience=patience))
         if not self.folder_started:
             self.start_folder()
             self.read_source(task.model)
@@ -201,7 +205,7 @@ class Ladder:
         return RungResult(
             strategy, "trained", accuracy=result.best_metrics["accuracy"], f1_macro=result.best_metrics["f1_macro"],
             score=result.best_metrics[recipe.training.metric_for_best], best_epoch=result.best_epoch,
-            epochs=len(result.history), seconds=seconds, stopped_early=result.stopped_early,
+            epochs=len(result.history), seconds=seconds, stopped_early=result.stopped_early, patience=patience,
             stopped_by_budget=bool(deadline and deadline.stopped_at), trainable_parameters=parameters[0],
             pass_seconds=agreed(pass_seconds(summary, plan_seconds)) if earlier is None else earlier.pass_seconds,
         )
@@ -307,10 +311,12 @@ class Ladder:
             "seconds": round(spent, 2),
             "time_budget": self.budget,
             "budget_exceeded": self.budget is not None and spent > self.budget,
-            "early_stopping_patience": self.patience,
+            "early_stopping_patience": self.patience,  # None: the ladder's own, by the rule below
             "tie_tolerance": self.tolerance(),
             "rules": {"order": [rung.strategy for rung in LADDER], "tie": TIE_RULE.format(metric=metric),
-                      "halving": HALVING_RULE.format(metric=metric), "budget": BUDGET_RULE, "lora_lr": LORA_RULE},
+                      "halving": HALVING_RULE.format(metric=metric),
+                      "patience": PATIENCE_RULE.format(metric=metric) if self.patience is None else
+                      f"a rung stops after {self.patience} epoch(s) without a better {metric} (training.early_stopping_patience)", "budget": BUDGET_RULE, "lora_lr": LORA_RULE},
         }
 
 
