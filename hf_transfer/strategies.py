@@ -148,6 +148,12 @@ STRATEGIES: dict[str, Strategy] = {
 }
 
 
+def describe_strategy(config: StrategyConfig) -> str:
+    """The model card's sentence for the strategy."""
+    frozen = "; the word embeddings stay at their pretrained values" if config.freeze_word_embeddings else ""
+    return get_strategy(config).describe(config) + (frozen if get_strategy(config).trains_backbone else "")
+
+
 def get_strategy(config: StrategyConfig) -> Strategy:
     if config.name == "auto":  # the schema's one name that is not a strategy: a search over them (ladder/)
         raise HfTransferError("strategy auto is a search over strategies, not one: train it with `hf-transfer train` "
@@ -171,10 +177,16 @@ class FrozenNormStatistics(Callback):
 
 
 def apply_strategy(model: TransferModel, config: StrategyConfig) -> list[Callback]:
-    """Freeze and unfreeze `model` in place; returns the callbacks the loop needs (gradual unfreezing,
-    frozen BatchNorm statistics)."""
+    """Freeze and unfreeze `model` in place (the word embeddings too, where asked); returns the callbacks the
+    loop needs (gradual unfreezing, frozen BatchNorm statistics)."""
     strategy = get_strategy(config)
     callbacks = strategy.apply(model, config)
+    if config.freeze_word_embeddings and strategy.trains_backbone:
+        embeddings = model.word_embeddings()
+        if embeddings is None:
+            raise HfTransferError(f"strategy.freeze_word_embeddings is true, but {type(model.model).__name__} has no "
+                                  "token embeddings; set it to false.")
+        _set_trainable(embeddings.parameters(), False)
     if config.norm_statistics == "frozen" and strategy.trains_backbone:
         callbacks.append(FrozenNormStatistics(model))
     return callbacks

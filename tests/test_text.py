@@ -83,6 +83,37 @@ def test_partial_trains_only_the_top_blocks(tiny_bert_dir, keyword_data, tmp_pat
     assert not any(n.startswith(("encoder.layer.1.", "pooler.")) for n in unchanged)
 
 
+def test_frozen_word_embeddings_keep_their_values_while_the_rest_trains(tiny_bert_dir, keyword_data, tmp_path):
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    before = AutoModel.from_pretrained(tiny_bert_dir).state_dict()
+    summary = train(tiny_bert_dir, keyword_data, tmp_path / "out", strategy={"freeze_word_embeddings": True},
+                    training={"epochs": 2})
+    after = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").bert.state_dict()
+
+    assert torch.equal(after["embeddings.word_embeddings.weight"], before["embeddings.word_embeddings.weight"])
+    assert not torch.equal(after["embeddings.position_embeddings.weight"], before["embeddings.position_embeddings.weight"])
+    assert not torch.equal(after["encoder.layer.0.attention.self.query.weight"],
+                           before["encoder.layer.0.attention.self.query.weight"])
+    vocabulary, width = before["embeddings.word_embeddings.weight"].shape
+    assert summary["trainable_parameters"] == summary["total_parameters"] - vocabulary * width
+    assert "the word embeddings stay at their pretrained values" in (tmp_path / "out" / "README.md").read_text()
+
+
+@pytest.mark.parametrize(("sections", "message"), [
+    ({"task": "image"}, "task image has none"),
+    ({"strategy": {"name": "gradual_unfreeze"}}, "does not combine with gradual_unfreeze"),
+])
+def test_frozen_word_embeddings_where_they_cannot_apply_are_refused(tiny_bert_dir, keyword_data, tmp_path,
+                                                                     sections, message):
+    recipe = text_recipe(tiny_bert_dir, keyword_data, tmp_path / "out", strategy={"freeze_word_embeddings": True})
+    for section, values in sections.items():
+        recipe[section] = {**recipe[section], **values} if isinstance(values, dict) else values
+    with pytest.raises(HfTransferError, match=f"strategy.freeze_word_embeddings .*{message}"):
+        recipe_from_dict(recipe)
+    assert not (tmp_path / "out").exists()
+
+
 def test_lora_saves_only_the_adapter_and_reloads_to_the_same_predictions(tiny_bert_dir, keyword_data, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

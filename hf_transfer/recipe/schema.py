@@ -112,6 +112,12 @@ class StrategyConfig:
         "serve the task (measured to lift fine-tuning's last epoch on images, neutral on text: "
         "benchmarks/BENCHMARKS.md); true: for any task, an error where it cannot; false: the head starts at zero.",
     )
+    freeze_word_embeddings: bool = _f(
+        False,
+        "Text, full and partial: keep the token embedding matrix at its pretrained values while the rest trains. "
+        "It is about half of a small encoder's parameters, and its dense gradient, clipping and optimiser update "
+        "are about an eighth of a MiniLM step on a CPU; most rows are never seen in a small data set anyway.",
+    )
     norm_statistics: Literal["update", "frozen"] = _f(
         "update",
         "Strategies that train the backbone: whether its BatchNorm layers re-estimate their running statistics "

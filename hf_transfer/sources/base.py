@@ -59,6 +59,11 @@ class TransferModel(nn.Module):
     def backbone_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         return ((n, p) for n, p in self.named_parameters() if not self.is_head_parameter(n))
 
+    def word_embeddings(self) -> nn.Module | None:
+        """A text backbone's token embedding matrix (transformers' input embeddings), None where there is none."""
+        owner = next((module for module in self.model.modules() if hasattr(module, "get_input_embeddings")), None)
+        return owner.get_input_embeddings() if owner is not None else None
+
     def block_parameters(self) -> list[list[nn.Parameter]]:
         """Backbone parameters grouped by block, input side first."""
         named = dict(self.backbone_parameters())
