@@ -113,7 +113,7 @@ def side_hf_transfer_text(args: argparse.Namespace) -> dict:
         "data": {**text_data(args), "pad_to_multiple_of": args.pad_to_multiple_of,
                  "group_by_length": not args.no_length_groups,
                  **({"length_window": args.length_window} if args.length_window else {})},
-        "strategy": {"name": "full"},
+        "strategy": {"name": "full", "freeze_word_embeddings": args.freeze_word_embeddings},
         "head": {"pooling": "head_input"},  # the Trainer side's model: transformers' own head on the pooler
         "training": {"epochs": args.epochs, "batch_size": args.batch_size, "eval_batch_size": 256, "lr": 5e-5,
                      "weight_decay": 0.0, "warmup_ratio": 0.0, "scheduler": "linear", "max_grad_norm": 1.0,
@@ -406,6 +406,8 @@ def _text_sides(model: str, precision: str, batch: int, pad: int | None, samples
         sides.append((f"hf_transfer (length groups, {padding}, fp32)", "hf_transfer_text", fp32))
         sides.append((f"hf_transfer, no length groups ({padding}, precision {precision})", "hf_transfer_text",
                       ours + ["--no-length-groups"]))
+        sides.append((f"hf_transfer (length groups, {padding}, precision {precision}, word embeddings frozen)",
+                      "hf_transfer_text", ours + ["--freeze-word-embeddings"]))
     if with_eager:  # on a GPU: the same loop without CUDA graphs, to show what they add
         sides.append((f"hf_transfer, no CUDA graphs (length groups, {padding})", "hf_transfer_text", ours + ["--eager"]))
     return sides
@@ -525,15 +527,20 @@ def ratio_lines(name: str, rows: list[tuple[str, dict]], sides: list[str]) -> li
     trainers = [(label, r) for (label, r), side in zip(rows, sides) if side == "trainer_text"]
     strongest_label, strongest = max(trainers, key=lambda item: item[1]["steady_samples_per_s"])
     default = base if "max_length" in rows[0][0] else None
+    # the careful user's Trainer in its own default precision (fp32), where a bf16 side is the strongest
+    careful = next((r for label, r in trainers if label.endswith("group_by_length")), None)
+    careful = careful if careful is not strongest else None
     lines = [f"- strongest Trainer side: {strongest_label}"]
     for (label, r), side in zip(rows, sides):
         if side == "trainer_text":
             continue
         against_default = (f" ({r['steady_samples_per_s'] / default['steady_samples_per_s']:.2f}x the default one)"
                            if default else "")
+        against_careful = (f"; {r['steady_samples_per_s'] / careful['steady_samples_per_s']:.2f}x (end to end "
+                           f"{careful['wall_seconds'] / r['wall_seconds']:.2f}x) the careful Trainer in fp32" if careful else "")
         lines.append(
             f"- {label}: steady state {r['steady_samples_per_s'] / strongest['steady_samples_per_s']:.2f}x the "
-            f"strongest Trainer{against_default}; "
+            f"strongest Trainer{against_default}{against_careful}; "
             f"end to end (process wall time) {strongest['wall_seconds'] / r['wall_seconds']:.2f}x; "
             f"dev accuracy {100 * (r['dev_accuracy'] - strongest['dev_accuracy']):+.1f} points"
         )
@@ -565,6 +572,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cached", action="store_true")
     parser.add_argument("--eager", action="store_true", help="hf_transfer side without CUDA graphs")
     parser.add_argument("--no-length-groups", action="store_true", help="hf_transfer side with random batches")
+    parser.add_argument("--freeze-word-embeddings", action="store_true",
+                        help="hf_transfer side with strategy.freeze_word_embeddings")
     parser.add_argument("--pipeline", default="ready")
     parser.add_argument("--run-dir", help="inference comparisons: the output folder of a finished run")
     parser.add_argument("--inputs", choices=sorted(INFERENCE_INPUTS), default="text", help="predict side: what it labels")
