@@ -90,3 +90,24 @@ def test_extraction_with_the_folded_copy_gives_the_unfolded_features():
     assert torch.equal(read_labels, labels)
     assert torch.allclose(features, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
     assert count_norms(model) > 0  # the run's own model is untouched
+
+
+def test_predict_and_evaluate_serve_an_image_model_folded_and_other_models_as_they_are():
+    from timm.data import create_transform, resolve_data_config
+
+    from hf_transfer.export.layout import IMAGE, TEXT
+    from hf_transfer.inference.loader import fold_for_inference
+    from hf_transfer.inference.saved import PixelLogits, SavedModel
+
+    cnn = with_random_statistics(timm.create_model("resnet18", pretrained=False, num_classes=3))
+    transform = create_transform(**resolve_data_config({}, model=cnn))
+    saved = SavedModel(PixelLogits(cnn).eval(), ["a", "b", "c"], IMAGE, None, transform=transform)
+    served = fold_for_inference(saved)
+    pixels = torch.randn(4, 3, 96, 96)
+    with torch.no_grad():
+        expected, got = saved.model(pixel_values=pixels), served.model(pixel_values=pixels)
+    assert count_norms(served.model) == 0 and count_norms(saved.model) > 0
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+    text = SavedModel(nn.Linear(2, 2), ["a", "b"], TEXT, None)
+    assert fold_for_inference(text) is text

@@ -21,7 +21,7 @@ from hf_transfer.data.splits import VALIDATION_ALIASES, encode_split
 from hf_transfer.errors import HfTransferError
 from hf_transfer.export.folder import staged, write_json
 from hf_transfer.export.layout import AUDIO, EVALUATIONS_DIR, IMAGE, TEXT
-from hf_transfer.inference.loader import SavedModel, load_saved_run, run_recipe
+from hf_transfer.inference.loader import SavedModel, fold_for_inference, load_saved_run, run_recipe
 from hf_transfer.recipe import Recipe, merge_values, parse_overrides, recipe_from_dict
 from hf_transfer.training.metrics import evaluate
 
@@ -174,7 +174,7 @@ def evaluate_saved_model(
     from hf_transfer.export.plots import plot_confusion_matrix
 
     folder = Path(output_dir)
-    saved = load_saved_run(folder, trust_remote_code=trust_remote_code)
+    saved = fold_for_inference(load_saved_run(folder, trust_remote_code=trust_remote_code))
     values = merge_values(dataclasses.asdict(run_recipe(folder)), parse_overrides(list(overrides or [])))
     values["data"]["path"] = data
     recipe = recipe_from_dict(values)

@@ -43,6 +43,7 @@ from hf_transfer.inference.saved import (
 )
 from hf_transfer.recipe import HeadConfig, ModelConfig
 from hf_transfer.sources.base import prefer_channels_last
+from hf_transfer.sources.folding import folded_if_same
 from hf_transfer.tasks.text import load_mean_pooled
 
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +222,23 @@ LOADERS: dict[str, Callable[..., SavedModel]] = {
     ADAPTED: _python_only("a domain-adapted model; load it with hf_transfer.adapted_model.load_adapted_model(folder)"),
     OPTIMIZED: load_optimized,  # `hf-transfer optimize`'s folder: PyTorch (float or int8) or ONNX Runtime
 }
+
+
+def fold_for_inference(saved: SavedModel) -> SavedModel:
+    """`saved` as predict and evaluate run it: an image model with each BatchNorm folded into the convolution before
+    it (sources/folding.py) where that gives the same logits on a random image; any other model as it is. Not done
+    by load_saved_run itself: `optimize` prunes channels by their BatchNorm scales."""
+    if saved.kind != IMAGE or saved.transform is None:
+        return saved
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    noise = np.random.default_rng(0).integers(0, 256, size=(2, 256, 256, 3), dtype=np.uint8)
+    probe = torch.stack([saved.transform(Image.fromarray(image)) for image in noise])
+    device = next(saved.model.parameters(), torch.empty(0)).device  # an ONNX Runtime session holds none
+    probe = probe.to(device).contiguous(memory_format=torch.channels_last)
+    return dataclasses.replace(saved, model=folded_if_same(saved.model, "forward", {"pixel_values": probe}))
 
 
 def load_saved_run(folder: str | Path, trust_remote_code: bool = False) -> SavedModel:

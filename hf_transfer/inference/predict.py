@@ -22,7 +22,7 @@ import torch
 from hf_transfer.console import bar
 from hf_transfer.errors import HfTransferError
 from hf_transfer.export.layout import AUDIO, TEXT
-from hf_transfer.inference.loader import SavedModel, load_saved_run
+from hf_transfer.inference.loader import SavedModel, fold_for_inference, load_saved_run
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def predict(
     `transcribe`: a speech recogniser; the inputs are then audio files, and a text model labels their
     transcripts.
     """
-    saved = load_saved_run(folder, trust_remote_code=trust_remote_code)
+    saved = fold_for_inference(load_saved_run(folder, trust_remote_code=trust_remote_code))
     k = max(1, min(top_k, len(saved.label_names)))
     if transcribe is not None:
         yield from _predict_spoken(saved, inputs, k, batch_size, transcribe)
