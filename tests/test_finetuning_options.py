@@ -153,7 +153,7 @@ def test_head_first_starts_fine_tuning_from_the_fitted_probe(tiny_bert_dir, keyw
     plain = train(tiny_bert_dir, keyword_data, tmp_path / "plain", strategy={"name": "full", "head_first": False}, training=still)
 
     record = fitted["head_first"]
-    assert record["cv_folds"] == 5 and record["feature_cache"]["computed"] == ["train"]
+    assert record["cv_folds"] == 5 and record["feature_cache"]["computed"] == ["train", "validation"]
     assert fitted["eval"]["accuracy"] == pytest.approx(record["accuracy"])  # the probe's score, recorded before training
     assert record["accuracy"] >= 0.8 and record["accuracy"] > plain["eval"]["accuracy"] + 0.2
     assert "head_first" not in plain

@@ -246,6 +246,17 @@ def cached_training_features(recipe: Recipe, plan: Plan, accelerator: Accelerato
     return train_views, train_labels
 
 
+def cached_validation_features(recipe: Recipe, plan: Plan, accelerator: Accelerator,
+                               extraction: FeatureExtraction) -> tuple[torch.Tensor, torch.Tensor]:
+    """The validation split's cached features and labels, on the accelerator (computed where missing)."""
+    source = plan.feature_source
+    common = model_key_fields(recipe.model.name, plan.model, source.preprocessing, accelerator.mixed_precision)
+    key = FeatureKey(data=source.fingerprint("validation"), **common)
+    features, labels = extraction.features(key, lambda: source.loader("validation", None), recipe.training.seed,
+                                           "validation")
+    return features.to(accelerator.device), labels.to(accelerator.device)
+
+
 def head_only_plan(recipe: Recipe, plan: Plan, accelerator: Accelerator) -> Plan:
     """The plan with its head on cached features of both splits (computing the missing ones)."""
     model, source, training = plan.model, plan.feature_source, recipe.training
@@ -256,10 +267,8 @@ def head_only_plan(recipe: Recipe, plan: Plan, accelerator: Accelerator) -> Plan
     device = accelerator.device
     model.to(device)
     extraction = FeatureExtraction(model, FeatureStore(feature_cache_dir(recipe)), accelerator)
-    common = model_key_fields(recipe.model.name, model, source.preprocessing, accelerator.mixed_precision)
-    key = FeatureKey(data=source.fingerprint("validation"), **common)
-    features, labels = extraction.features(key, lambda: source.loader("validation", None), training.seed, "validation")
-    eval_set = CachedFeatures([features.to(device)], labels.to(device))
+    features, labels = cached_validation_features(recipe, plan, accelerator, extraction)
+    eval_set = CachedFeatures([features], labels)
     views = _views_to_cache(source, training.cache_views, training.epochs)
     train_views, train_labels = cached_training_features(recipe, plan, accelerator, extraction, views)
     train_set = CachedFeatures(train_views, train_labels)

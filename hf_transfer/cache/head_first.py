@@ -21,8 +21,12 @@ from accelerate import Accelerator
 from torch import nn
 
 from hf_transfer.cache.head import (
+    CachedFeatures,
     FeatureExtraction,
+    HeadOnlyModel,
+    cached_loader,
     cached_training_features,
+    cached_validation_features,
     feature_cache_dir,
     logits_mismatch,
 )
@@ -57,8 +61,9 @@ def head_first_blocker(recipe: Recipe, plan: Plan) -> str | None:
 
 
 def fit_head_first(plan: Plan, training: TrainingConfig, views: Sequence[torch.Tensor], labels: torch.Tensor,
-                   accelerator: Accelerator) -> dict[str, Any]:
-    """Fit the plan's head on cached frozen features and score it; returns the record for metrics.json.
+                   validation: tuple[torch.Tensor, torch.Tensor], accelerator: Accelerator) -> dict[str, Any]:
+    """Fit the plan's head on cached frozen features and score it on the validation split's (`validation`:
+    features and labels); returns the record for metrics.json.
 
     Done when the plan is built, not in the loop's place: the loop then starts from the fitted head
     as from any other weights, so whatever runs before it (the learning-rate range test of
@@ -68,9 +73,11 @@ def fit_head_first(plan: Plan, training: TrainingConfig, views: Sequence[torch.T
     head = model.model.get_submodule(model.head_modules[0])
     weights = class_weights(training.class_weights, plan.train_labels, len(plan.label_names))
     fit = fit_logistic_head(head, views, labels, weights, training.seed)
-    # the probe's own score, so the card can say what fine-tuning added to it
-    metrics = evaluate(model.to(accelerator.device), accelerator.prepare(plan.eval_loader), accelerator,
-                       plan.label_names, ())
+    # the probe's own score, so the card can say what fine-tuning added to it: on the cached features (the head on
+    # them gives the model's logits, logits_mismatch checked), so a rerun, or a ladder rung resumed for successive
+    # halving, reads them rather than passing the validation images through the backbone again
+    scored = cached_loader(CachedFeatures([validation[0]], validation[1]), training.eval_batch_size, False, training.seed)
+    metrics = evaluate(HeadOnlyModel(model).to(accelerator.device), scored, accelerator, plan.label_names, ())
     accuracy = float(metrics["accuracy"])
     say(accelerator, f"head fitted first on frozen features in {fit.seconds:.1f} s (C={fit.C:g}): "
                      f"validation accuracy {accuracy:.4f} before the backbone trains")
@@ -100,7 +107,8 @@ def head_first_plan(recipe: Recipe, plan: Plan, accelerator: Accelerator) -> Pla
         return None
     extraction = FeatureExtraction(plan.model, FeatureStore(feature_cache_dir(recipe)), accelerator)
     views, labels = cached_training_features(recipe, plan, accelerator, extraction, [None])
-    record = fit_head_first(plan, recipe.training, views, labels, accelerator)
+    validation = cached_validation_features(recipe, plan, accelerator, extraction)
+    record = fit_head_first(plan, recipe.training, views, labels, validation, accelerator)
     record["feature_cache"] = {"hits": extraction.hits, "computed": extraction.misses}
     return dataclasses.replace(plan, summary=lambda accelerator: plan.summary(accelerator) | {"head_first": record},
                                starts_from_probe=recipe.model.pretrained)
