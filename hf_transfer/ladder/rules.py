@@ -39,6 +39,8 @@ PATIENCE_RULE = (f"a rung stops after {LADDER_PATIENCE} epoch(s) without a bette
 def rung_patience(share: float | None) -> int:
     """The ladder's own patience for a rung whose evaluated weights hold `share` of the fine-tuned ones (None: all)."""
     return LADDER_PATIENCE if share is None else math.ceil(LADDER_PATIENCE / share)
+
+
 # a fine-tuning epoch passes every training example forward and backward (about three forward
 # passes' work), where the frozen rung passed each example once, without gradients
 FORWARD_PASSES_PER_EPOCH = 3

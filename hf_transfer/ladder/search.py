@@ -298,6 +298,11 @@ class Ladder:
             self.kept = {name: trained for name, trained in self.kept.items() if name in running}
         self.accelerator.free_memory()
 
+    def patience_rule(self, metric: str) -> str:
+        if self.patience is None:
+            return PATIENCE_RULE.format(metric=metric)
+        return f"a rung stops after {self.patience} epoch(s) without a better {metric} (training.early_stopping_patience)"
+
     def record(self, winner: RungResult, why: str) -> dict[str, Any]:
         """metrics.json's strategy_search."""
         spent = self.spent()
@@ -314,9 +319,8 @@ class Ladder:
             "early_stopping_patience": self.patience,  # None: the ladder's own, by the rule below
             "tie_tolerance": self.tolerance(),
             "rules": {"order": [rung.strategy for rung in LADDER], "tie": TIE_RULE.format(metric=metric),
-                      "halving": HALVING_RULE.format(metric=metric),
-                      "patience": PATIENCE_RULE.format(metric=metric) if self.patience is None else
-                      f"a rung stops after {self.patience} epoch(s) without a better {metric} (training.early_stopping_patience)", "budget": BUDGET_RULE, "lora_lr": LORA_RULE},
+                      "halving": HALVING_RULE.format(metric=metric), "patience": self.patience_rule(metric),
+                      "budget": BUDGET_RULE, "lora_lr": LORA_RULE},
         }
 
 
