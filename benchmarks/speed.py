@@ -377,7 +377,7 @@ SIDES = {
 
 
 def _text_sides(model: str, precision: str, batch: int, pad: int | None, samples: int | None, epochs: int,
-                text_set: str, with_eager: bool = False, default_trainer: bool = True) -> list[tuple]:
+                text_set: str, with_eager: bool = False, default_trainer: bool = True, lean: bool = False) -> list[tuple]:
     """The Trainer as the example runs it and as a careful user sets it up, then hf_transfer.
 
     On a CPU (`precision` auto) hf_transfer runs at its default precision (bf16 where the CPU has
@@ -402,10 +402,11 @@ def _text_sides(model: str, precision: str, batch: int, pad: int | None, samples
     fp32 = ours + ["--precision", "no"]
     ours += ["--precision", precision]
     sides.append((f"hf_transfer (length groups, {padding}, precision {precision})", "hf_transfer_text", ours))
-    if on_cpu:  # the same in fp32, and random batches padded to their own longest (what grouping adds)
+    if on_cpu and not lean:  # the same in fp32, and random batches padded to their own longest (what grouping adds)
         sides.append((f"hf_transfer (length groups, {padding}, fp32)", "hf_transfer_text", fp32))
         sides.append((f"hf_transfer, no length groups ({padding}, precision {precision})", "hf_transfer_text",
                       ours + ["--no-length-groups"]))
+    if on_cpu:
         sides.append((f"hf_transfer (length groups, {padding}, precision {precision}, word embeddings frozen)",
                       "hf_transfer_text", ours + ["--freeze-word-embeddings"]))
     if with_eager:  # on a GPU: the same loop without CUDA graphs, to show what they add
@@ -420,7 +421,7 @@ def comparisons(name: str, options: argparse.Namespace) -> list[tuple[str, str, 
     text_set = options.text_set
     if name == "text-cpu":  # the CPU's own padding (data.pad_to_multiple_of null: none)
         return _text_sides("minilm", "auto", 32, None, options.train_samples or 2000, options.epochs or 2, text_set,
-                           default_trainer=not options.without_default_trainer)
+                           default_trainer=not options.without_default_trainer, lean=options.lean)
     if name == "gpu-text":
         return _text_sides("bert-base", "bf16", 32, 16, options.train_samples or 16000, options.epochs or 2, text_set, True)
     if name == "gpu-fixed":
@@ -569,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--careful", action="store_true", help="Trainer side: dynamic padding and length grouping")
     parser.add_argument("--without-default-trainer", action="store_true",
                         help="text-cpu: leave out the Trainer padding to max_length (the slowest side, by far)")
+    parser.add_argument("--lean", action="store_true",
+                        help="text-cpu: leave out hf_transfer's fp32 and random-batch sides (what precision and grouping add)")
     parser.add_argument("--cached", action="store_true")
     parser.add_argument("--eager", action="store_true", help="hf_transfer side without CUDA graphs")
     parser.add_argument("--no-length-groups", action="store_true", help="hf_transfer side with random batches")

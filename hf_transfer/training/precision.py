@@ -4,8 +4,8 @@
     null               the Accelerate config's (`accelerate launch --mixed_precision ...`, else no)
     auto (default)     the launcher's choice when it made one other than `no`; else, for a run that
                        trains backbone weights, bf16 where the hardware multiplies bf16 natively: a CUDA
-                       GPU of compute capability 8+, or a CPU with AMX tiles for the tasks measured to
-                       gain there (text); else no
+                       GPU of compute capability 8+, or a CPU with AMX tiles or AVX512-BF16 for the tasks
+                       measured to gain there (text); else no
 
 Why bf16 on AMX CPUs: MiniLM fine-tuning ran 1.4-1.6x faster under bf16 autocast here, at the same
 dev accuracy on two text sets and two seeds (BENCHMARKS.md, issue 14). Why not for a frozen
@@ -31,10 +31,12 @@ CPU_BF16_TASKS = frozenset({"text"})
 
 
 def cpu_has_native_bf16() -> bool:
-    """AMX tiles (Intel Sapphire Rapids and later), where oneDNN runs bf16 matrix products natively."""
-    check = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch 2.x: absent means unknown, so no
-    try:
-        return bool(check()) if check is not None else False
+    """AMX tiles (Intel Sapphire Rapids and later) or AVX512-BF16 (also AMD Zen 4), whose instructions oneDNN runs
+    bf16 matrix products with. A MiniLM-L6 step (32 x 26 tokens, one thread) on an AMD EPYC with AVX512-BF16 and no
+    AMX: 744 ms in fp32, 552 ms under bf16 autocast (BENCHMARKS.md, issue 14, eighth stop)."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    try:  # private in torch 2.x: absent means unknown, so no
+        return any(bool(check()) for check in checks if check is not None)
     except RuntimeError:
         return False
 
