@@ -203,10 +203,10 @@ class Checkpointing(Callback):
         return self.checkpoints.describe_last_good()
 
 
-# training.weight_interpolation auto: halfway (the WiSE-FT paper's middle point, not tuned here) where fine-tuning
-# starts from the probe fitted on a pretrained backbone. EfficientNet-Lite0 `full`, five image sets x two seeds:
-# the last epoch +1.3 points on average, higher in 9 of 10 runs; from a zero head (text, SST-2 sample, two seeds)
-# it lost 1.9 points (benchmarks/BENCHMARKS.md, issue 11)
+# training.weight_interpolation auto: halfway (the WiSE-FT paper's middle point) where fine-tuning starts from the
+# probe fitted on a pretrained backbone. EfficientNet-Lite0 `full`, five image sets x two seeds: the last epoch +1.3
+# points on average, higher in 9 of 10 runs, and over shares 0, 0.1, ..., 1 of the same runs 0.4 and 0.5 have the
+# best mean; from a zero head (text, SST-2 sample, two seeds) it lost 1.9 points (benchmarks/BENCHMARKS.md, issue 11)
 AUTO_INTERPOLATION = 0.5
 
 
