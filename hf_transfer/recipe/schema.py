@@ -116,7 +116,8 @@ class StrategyConfig:
         False,
         "Text, full and partial: keep the token embedding matrix at its pretrained values while the rest trains. "
         "It is about half of a small encoder's parameters, and its dense gradient, clipping and optimiser update "
-        "are about an eighth of a MiniLM step on a CPU; most rows are never seen in a small data set anyway.",
+        "are an eighth to a fifth of a MiniLM bf16 step on the CPUs measured; most rows are never seen in a small data "
+        "set. Measured at the same accuracy (two data sets, two seeds), a gain for short texts only: off by default.",
     )
     norm_statistics: Literal["update", "frozen"] = _f(
         "update",
