@@ -150,8 +150,9 @@ STRATEGIES: dict[str, Strategy] = {
 
 def describe_strategy(config: StrategyConfig) -> str:
     """The model card's sentence for the strategy."""
-    frozen = "; the word embeddings stay at their pretrained values" if config.freeze_word_embeddings else ""
-    return get_strategy(config).describe(config) + (frozen if get_strategy(config).trains_backbone else "")
+    strategy = get_strategy(config)
+    frozen = config.freeze_word_embeddings and strategy.trains_backbone
+    return strategy.describe(config) + ("; the word embeddings stay at their pretrained values" if frozen else "")
 
 
 def get_strategy(config: StrategyConfig) -> Strategy:
