@@ -33,6 +33,10 @@ from hf_transfer.training.plan import Callback, Plan
 # L2 strengths tried (C, the inverse, on the scaled features): half-decade steps from strong to weak
 C_GRID = tuple(10.0 ** exponent for exponent in np.arange(-4.0, 2.01, 0.5))
 MAX_FOLDS = 5
+# BLAS threads while fitting (None: the library's own count). One: each L-BFGS step multiplies matrices
+# too small to share out; on two cores the library's two threads made the fit 6-12x slower on 1,600
+# examples' features and 1.25-1.28x slower on 25,600 (benchmarks/solver_threads.py, BENCHMARKS.md)
+BLAS_THREADS: int | None = 1
 
 
 def solver_blocker(recipe: Recipe, head: nn.Module) -> str | None:
@@ -95,6 +99,7 @@ def fit_logistic_head(head: nn.Linear, views: Sequence[torch.Tensor], labels: to
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
     from sklearn.metrics import log_loss
     from sklearn.model_selection import StratifiedGroupKFold
+    from threadpoolctl import threadpool_limits  # a scikit-learn dependency
 
     started = time.perf_counter()
     x = torch.cat([view.float().cpu() for view in views]).numpy().astype(np.float64)
@@ -106,17 +111,18 @@ def fit_logistic_head(head: nn.Linear, views: Sequence[torch.Tensor], labels: to
     classes = np.unique(y)
     class_weight = {int(c): float(weights[c]) for c in classes} if weights is not None else None
     folds = int(min(MAX_FOLDS, np.bincount(y)[classes].min())) if len(classes) > 1 else 0
-    if folds >= 2:
-        splits = list(StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(z, y, groups))
-        model = LogisticRegressionCV(Cs=list(C_GRID), cv=splits, scoring="neg_log_loss", max_iter=2000,
-                                     class_weight=class_weight, random_state=seed)
-        with warnings.catch_warnings():  # scikit-learn 1.9 announces renamed attributes; C_ is in every version
-            warnings.simplefilter("ignore", FutureWarning)
-            model.fit(z, y)
-        C = float(np.atleast_1d(model.C_)[0])
-    else:  # too few examples of some class to cross-validate: scikit-learn's default strength
-        C = 1.0
-        model = LogisticRegression(C=C, max_iter=2000, class_weight=class_weight).fit(z, y)
+    with threadpool_limits(limits=BLAS_THREADS, user_api="blas"):
+        if folds >= 2:
+            splits = list(StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(z, y, groups))
+            model = LogisticRegressionCV(Cs=list(C_GRID), cv=splits, scoring="neg_log_loss", max_iter=2000,
+                                         class_weight=class_weight, random_state=seed)
+            with warnings.catch_warnings():  # scikit-learn 1.9 announces renamed attributes; C_ is in every version
+                warnings.simplefilter("ignore", FutureWarning)
+                model.fit(z, y)
+            C = float(np.atleast_1d(model.C_)[0])
+        else:  # too few examples of some class to cross-validate: scikit-learn's default strength
+            C = 1.0
+            model = LogisticRegression(C=C, max_iter=2000, class_weight=class_weight).fit(z, y)
     coef, intercept = model.coef_, model.intercept_
     if coef.shape[0] == 1 and len(model.classes_) == 2:  # binary: one logit difference, split evenly
         coef, intercept = np.concatenate([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
