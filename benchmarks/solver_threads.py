@@ -10,10 +10,12 @@ a little noise to 4x and 16x the examples; both sides one after the other in thi
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from hf_transfer.cache import solver
@@ -33,20 +35,22 @@ def main() -> None:
     parser.add_argument("--min-examples", type=int, default=1000)
     parser.add_argument("--tiles", type=int, nargs="+", default=[1, 4, 16])
     args = parser.parse_args()
-    print("| entry | examples x dim | library's threads | one BLAS thread | ratio | C (both) |\n|---|---|---|---|---|---|")
+    print("| features of | examples x dim | library's threads | one BLAS thread | ratio | C (both) |\n|---|---|---|---|---|---|")
     generator = torch.Generator().manual_seed(0)
     for path in sorted(args.cache_dir.glob("*.safetensors")):
         stored = load_file(str(path))
         if len(stored["labels"]) < args.min_examples:
             continue
         features, labels = stored["features"].float(), stored["labels"]
+        with safe_open(str(path), framework="pt") as opened:  # the cache key names the model
+            model = json.loads(opened.metadata()["key"])["model_name"].split("/")[-1]
         for tiles in args.tiles:  # copies with noise: a larger set of the same kind, not exact duplicates
             noise = [0.05 * torch.randn(features.shape, generator=generator) for _ in range(tiles - 1)]
             tiled = torch.cat([features, *(features + n for n in noise)])
             default, c_default = timed_fit(tiled, labels.repeat(tiles), None)
             single, c_single = timed_fit(tiled, labels.repeat(tiles), 1)
             same = f"{c_single:g}" if c_single == c_default else f"{c_default:g} / {c_single:g}"
-            print(f"| {path.stem[:8]} | {tiled.shape[0]:,} x {tiled.shape[1]} | {default:.1f} s | {single:.1f} s | "
+            print(f"| {model} | {tiled.shape[0]:,} x {tiled.shape[1]} | {default:.1f} s | {single:.1f} s | "
                   f"{default / single:.2f}x | {same} |", flush=True)
 
 

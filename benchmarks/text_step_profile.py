@@ -10,10 +10,10 @@ Four measurements, each cheap enough to run beside other work (times are medians
 2. the optimiser step on MiniLM-L6's 22.7M parameters: torch's AdamW as constructed by default,
    and with `fused=True` (what the Trainer's default `adamw_torch_fused` builds);
 3. the collator: ours (data/sampling.py) against transformers' DataCollatorWithPadding;
-4. one bf16-autocast training step cut into its parts (forward, backward, fused AdamW, clipping),
-   and the whole step with the word embeddings frozen.
+4. one training step (bf16 autocast, or fp32 with --precision fp32) cut into its parts (forward,
+   backward, fused AdamW, clipping), and the whole step with the word embeddings frozen.
 
-    python benchmarks/text_step_profile.py [--data-root ../shared/data]
+    python benchmarks/text_step_profile.py [--data-root ../shared/data] [--precision bf16|fp32]
 """
 
 from __future__ import annotations
@@ -86,9 +86,9 @@ def optimizer_step_ms(model: torch.nn.Module) -> dict[str, float]:
     return results
 
 
-def step_parts_ms(model: torch.nn.Module, tokens: int = 26) -> dict[str, float]:
-    """One bf16-autocast training step of a batch of BATCH x `tokens`, piece by piece (median ms), and the whole
-    step again with the word embeddings frozen (their dense gradient, clipping and update skipped)."""
+def step_parts_ms(model: torch.nn.Module, tokens: int = 26, bf16: bool = True) -> dict[str, float]:
+    """One training step (bf16 autocast, or fp32) of a batch of BATCH x `tokens`, piece by piece (median ms), and
+    the whole step again with the word embeddings frozen (their dense gradient, clipping and update skipped)."""
     model.train()
     generator = torch.Generator().manual_seed(0)
     inputs = {"input_ids": torch.randint(1000, 20000, (BATCH, tokens), generator=generator),
@@ -96,7 +96,7 @@ def step_parts_ms(model: torch.nn.Module, tokens: int = 26) -> dict[str, float]:
               "labels": torch.randint(0, 2, (BATCH,), generator=generator)}
 
     def loss():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             return model(**inputs).loss
 
     def step(optimizer, parameters):
@@ -138,6 +138,7 @@ def collator_ms(tokenizer, lengths_source: list[str]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=os.environ.get("HF_TRANSFER_SHARED_DATA", "../shared/data"))
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="the training step's precision")
     options = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -156,8 +157,9 @@ def main() -> None:
     print(f"\noptimiser step, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters (median ms):")
     for label, ms in optimizer_step_ms(model).items():
         print(f"- {label}: {ms:.0f} ms")
-    print(f"\none training step, bf16 autocast, {BATCH} x 26 tokens (median ms):")
-    for label, ms in step_parts_ms(model).items():
+    bf16 = options.precision == "bf16"
+    print(f"\none training step, {'bf16 autocast' if bf16 else 'fp32'}, {BATCH} x 26 tokens (median ms):")
+    for label, ms in step_parts_ms(model, bf16=bf16).items():
         print(f"- {label}: {ms:.0f} ms")
     sentences = ["a gripping , funny and ultimately moving film", "dull", "it is not the worst movie of the year"] * BATCH
     print(f"\ncollating {BATCH} tokenised sentences (median ms):")

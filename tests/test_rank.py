@@ -229,3 +229,23 @@ def test_rank_on_images_and_a_text_folder_is_the_wrong_modality(tiny_bert_dir, t
     assert {row["model"] for row in ranking["candidates"]} == {"test_resnet", "test_efficientnet"}
     assert ranking["winner"] in {"test_resnet", "test_efficientnet"}
     assert all(row["error"] is None and row["train_examples"] == 24 for row in ranking["candidates"])
+
+
+def test_rank_scores_a_sample_of_the_training_split_and_the_whole_validation_split(
+        tiny_bert_dir, keyword_data, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "ranked.yaml", tiny_bert_dir, keyword_data, "rank:\n  max_train_examples: 100\n")
+    out = tmp_path / "rank"
+    assert main(["rank", "--recipe", str(recipe), "--output-dir", str(out), "--candidates", str(tiny_bert_dir)]) == 0
+    assert "at most 100 training examples" in capsys.readouterr().out
+    ranking = json.loads((out / "ranking.json").read_text())
+    row = ranking["candidates"][0]
+    assert ranking["max_train_examples"] == 100
+    assert (row["train_examples"], row["validation_examples"]) == (100, 60)
+
+    # a recipe that samples fewer itself keeps its own sample
+    assert main(["rank", "--recipe", str(recipe), "--output-dir", str(out), "--overwrite",
+                 "--candidates", str(tiny_bert_dir), "--set", "data.max_train_samples=80"]) == 0
+    assert json.loads((out / "ranking.json").read_text())["candidates"][0]["train_examples"] == 80
+    fails_cleanly(["rank", "--recipe", str(recipe), "--output-dir", str(tmp_path / "bad"), "--candidates",
+                   str(tiny_bert_dir), "--set", "rank.max_train_examples=1"], capsys,
+                  "rank.max_train_examples must be at least 2")

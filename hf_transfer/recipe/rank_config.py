@@ -25,3 +25,9 @@ class RankConfig:
         "features (You et al. 2021), no validation split, nothing to tune; hscore: tr(cov(f)^-1 cov(E[f|y])) on the "
         "training features (Bao et al. 2019); knn_accuracy: validation accuracy of a 5-nearest-neighbour vote (cosine).",
     )
+    max_train_examples: int | None = _f(
+        None,
+        "At most this many training examples, a seeded random sample, are scored per candidate (the validation "
+        "split is always whole); a smaller data.max_train_samples wins; null: the whole training split.",
+        at_least=2,
+    )

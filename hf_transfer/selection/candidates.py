@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hf_transfer.errors import HfTransferError
-from hf_transfer.recipe import Recipe, TrainingConfig, validate
+from hf_transfer.recipe import DataConfig, Recipe, TrainingConfig, validate
 from hf_transfer.sources.offline import OFFLINE_TEXT_MODELS, OFFLINE_VISION_MODELS
 
 # the tasks rank serves: one source model each, whose modality is the task's name
@@ -111,6 +111,15 @@ def candidate_names(recipe: Recipe, requested: list[str] | None = None) -> list[
     return names
 
 
+def scored_data(recipe: Recipe) -> DataConfig:
+    """The data rank scores: the training split sampled down to rank.max_train_examples (data.max_train_samples's
+    seeded sample), unless the recipe already samples fewer."""
+    data, limit = recipe.data, recipe.rank.max_train_examples
+    if limit is None or (data.max_train_samples is not None and data.max_train_samples <= limit):
+        return data
+    return dataclasses.replace(data, max_train_samples=limit)
+
+
 def candidate_recipe(recipe: Recipe, name: str, output_dir: Path) -> Recipe:
     """The recipe with `name` as its source model, a frozen backbone, and the rank folder as output
     (so the feature cache lands in it, unless training.feature_cache_dir says otherwise)."""
@@ -124,7 +133,7 @@ def candidate_recipe(recipe: Recipe, name: str, output_dir: Path) -> Recipe:
         training = dataclasses.replace(training, batch_size=TrainingConfig.batch_size)
     candidate = dataclasses.replace(
         recipe, model=model, strategy=dataclasses.replace(recipe.strategy, name="freeze_backbone", head_first=False),
-        output=dataclasses.replace(recipe.output, dir=str(output_dir)), training=training,
+        output=dataclasses.replace(recipe.output, dir=str(output_dir)), training=training, data=scored_data(recipe),
     )
     validate(candidate)
     return candidate

@@ -176,7 +176,9 @@ def rank_models(recipe: Recipe, candidates: list[str] | None = None, output_dir:
     if not hub_is_offline() and use_offline_mode_if_hub_unreachable():
         say(accelerator, "The Hugging Face Hub is out of reach: using local files and packaged models only.")
     score = recipe.rank.score
-    say(accelerator, f"ranking {len(names)} candidate{'s' if len(names) > 1 else ''} on {recipe.name}'s data by "
+    sample = recipes[0].data.max_train_samples
+    say(accelerator, f"ranking {len(names)} candidate{'s' if len(names) > 1 else ''} on {recipe.name}'s data "
+                     f"({'the whole training split' if sample is None else f'at most {sample} training examples'}) by "
                      f"rank.score {score} (the highest {SCORES[score].title} wins); frozen features cached in "
                      f"{feature_cache_dir(recipes[0])}")
     rows = [score_candidate(candidate, accelerator) for candidate in bar(recipes, desc="ranking", unit="model")]
@@ -192,7 +194,7 @@ def rank_models(recipe: Recipe, candidates: list[str] | None = None, output_dir:
         "rule": f"the highest {SCORES[score].title} (rank.score {score}; equal scores: the higher {SCORES[TIE_BREAK].title})",
         "winner": ranked[0]["model"] if ranked[0]["rank"] is not None else None,
         "feature_cache_dir": str(feature_cache_dir(recipes[0])), "mixed_precision": accelerator.mixed_precision,
-        "candidates": ranked,
+        "max_train_examples": sample, "candidates": ranked,
     }
     create_output_dir(output_dir)
     write_json(output_dir / RANKING_FILE, record)
