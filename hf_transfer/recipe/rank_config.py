@@ -29,7 +29,7 @@ class RankConfig:
         1000,
         "At most this many training examples, a seeded random sample (data.max_train_samples's), are scored per "
         "candidate; the validation split is always whole, and a smaller data.max_train_samples wins; null: the whole "
-        "training split. 1000: on three text sets every score named the whole split's winner from such samples, and "
+        "training split. 1000: on four text sets every score named the whole split's winner from such samples, and "
         "a frozen pass over fewer examples keeps ranking a small share of fine-tuning (BENCHMARKS.md, issue 12).",
         at_least=2,
     )
