@@ -14,47 +14,37 @@ the same per example, so a sample of N costs N / (train + validation) of the ran
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from scipy.stats import kendalltau
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rank_sources import SETS  # noqa: E402  (the data sets and candidates of the rank benchmark)
 
-from hf_transfer.cache.head import split_features  # noqa: E402
 from hf_transfer.recipe import load_recipe  # noqa: E402
 from hf_transfer.selection.candidates import candidate_recipe  # noqa: E402
-from hf_transfer.selection.rank import SCORES, SplitFeatures  # noqa: E402
+from hf_transfer.selection.rank import SCORES, SplitFeatures, rank_accelerator, scored_features  # noqa: E402
 from hf_transfer.tasks import task_builder  # noqa: E402
-from hf_transfer.training.optim import class_weights  # noqa: E402
-from hf_transfer.training.precision import resolve_mixed_precision  # noqa: E402
 
 
 def whole_features(recipe, names: list[str], cache: Path) -> dict[str, SplitFeatures]:
     """Each candidate's features, as `rank` computes them (its precision, its cache keys)."""
-    precision = resolve_mixed_precision(recipe.training.mixed_precision, trains_backbone=True, task=recipe.task)
-    accelerator = Accelerator(mixed_precision=precision)
+    accelerator = rank_accelerator(recipe)
     out = {}
     for name in names:
         candidate = candidate_recipe(recipe, name, cache)
         task = task_builder(candidate)(candidate)
-        features, _ = split_features(candidate, task.model, task.feature_source, accelerator)
-        (train, train_labels), (validation, validation_labels) = features["train"], features["validation"]
-        out[name] = SplitFeatures(train.float(), train_labels, validation.float(), validation_labels,
-                                  len(task.label_names), class_weights(candidate.training.class_weights,
-                                                                       task.train_labels, len(task.label_names)),
-                                  candidate.training.seed)
+        out[name], _ = scored_features(candidate, task, accelerator)
         del task
     return out
 
 
 def sampled(features: SplitFeatures, rows: torch.Tensor) -> SplitFeatures:
-    return SplitFeatures(features.train[rows], features.train_labels[rows], features.validation,
-                         features.validation_labels, features.num_classes, features.class_weights, features.seed)
+    return dataclasses.replace(features, train=features.train[rows], train_labels=features.train_labels[rows])
 
 
 def main() -> None:

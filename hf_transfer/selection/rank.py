@@ -100,7 +100,8 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None  # ranking.json stays standard JSON (no NaN, no Infinity)
 
 
-def _scored(recipe: Recipe, task: Plan, accelerator: Accelerator) -> dict[str, Any]:
+def scored_features(recipe: Recipe, task: Plan, accelerator: Accelerator) -> tuple[SplitFeatures, dict[str, list[str]]]:
+    """A candidate's frozen features as the scores read them (through the feature cache), and the cache's hits."""
     features, cache_use = split_features(recipe, task.model, task.feature_source, accelerator)
     (train, train_labels), (validation, validation_labels) = features["train"], features["validation"]
     inputs = SplitFeatures(
@@ -108,10 +109,16 @@ def _scored(recipe: Recipe, task: Plan, accelerator: Accelerator) -> dict[str, A
         len(task.label_names), class_weights(recipe.training.class_weights, task.train_labels, len(task.label_names)),
         recipe.training.seed,
     )
+    return inputs, cache_use
+
+
+def _scored(recipe: Recipe, task: Plan, accelerator: Accelerator) -> dict[str, Any]:
+    inputs, cache_use = scored_features(recipe, task, accelerator)
     return {
         **{key: _finite(score.compute(inputs)) for key, score in SCORES.items()},
-        "parameters": count_parameters(task.model)[1], "feature_dim": int(train.shape[1]),
-        "train_examples": len(train_labels), "validation_examples": len(validation_labels), "feature_cache": cache_use,
+        "parameters": count_parameters(task.model)[1], "feature_dim": int(inputs.train.shape[1]),
+        "train_examples": len(inputs.train_labels), "validation_examples": len(inputs.validation_labels),
+        "feature_cache": cache_use,
     }
 
 
@@ -155,6 +162,16 @@ def order_rows(rows: list[dict[str, Any]], score: str) -> list[dict[str, Any]]:
     return ranked
 
 
+def rank_accelerator(recipe: Recipe) -> Accelerator:
+    """The Accelerator rank computes features with."""
+    # the precision fine-tuning the candidates would run in: ranking is worth its cost only as a small share
+    # of fine-tuning them, and fp32 features on a CPU whose fine-tuning runs bf16 cost 2.2x the time for the
+    # same scores (SST-2 sample, three text candidates: BENCHMARKS.md, issue 12). The cache keys carry it,
+    # and the `train it` hint names it, so the frozen run it suggests reads these very features
+    precision = resolve_mixed_precision(recipe.training.mixed_precision, trains_backbone=True, task=recipe.task)
+    return Accelerator(mixed_precision=precision)
+
+
 def rank_models(recipe: Recipe, candidates: list[str] | None = None, output_dir: Path | None = None,
                 overwrite: bool = False) -> dict[str, Any]:
     """Rank `candidates` (default: rank.candidates) on the recipe's data; write and return ranking.json's
@@ -167,18 +184,13 @@ def rank_models(recipe: Recipe, candidates: list[str] | None = None, output_dir:
     output_dir = Path(output_dir) if output_dir is not None else default_output_dir(recipe)
     recipes = [candidate_recipe(recipe, name, output_dir) for name in names]
     check_output_dir(output_dir, overwrite)
-    # the precision fine-tuning the candidates would run in: ranking is worth its cost only as a small share
-    # of fine-tuning them, and fp32 features on a CPU whose fine-tuning runs bf16 cost 2.2x the time for the
-    # same scores (SST-2 sample, three text candidates: BENCHMARKS.md, issue 12). The cache keys carry it,
-    # and the `train it` hint names it, so the frozen run it suggests reads these very features
-    precision = resolve_mixed_precision(recipe.training.mixed_precision, trains_backbone=True, task=recipe.task)
-    accelerator = Accelerator(mixed_precision=precision)
+    accelerator = rank_accelerator(recipe)
     if not hub_is_offline() and use_offline_mode_if_hub_unreachable():
         say(accelerator, "The Hugging Face Hub is out of reach: using local files and packaged models only.")
     score = recipe.rank.score
-    sample = recipes[0].data.max_train_samples
+    train_limit = recipes[0].data.max_train_samples  # rank.max_train_examples or the recipe's own smaller sample
     say(accelerator, f"ranking {len(names)} candidate{'s' if len(names) > 1 else ''} on {recipe.name}'s data "
-                     f"({'the whole training split' if sample is None else f'at most {sample} training examples'}) by "
+                     f"({'the whole training split' if train_limit is None else f'at most {train_limit} training examples'}) by "
                      f"rank.score {score} (the highest {SCORES[score].title} wins); frozen features cached in "
                      f"{feature_cache_dir(recipes[0])}")
     rows = [score_candidate(candidate, accelerator) for candidate in bar(recipes, desc="ranking", unit="model")]
@@ -194,7 +206,7 @@ def rank_models(recipe: Recipe, candidates: list[str] | None = None, output_dir:
         "rule": f"the highest {SCORES[score].title} (rank.score {score}; equal scores: the higher {SCORES[TIE_BREAK].title})",
         "winner": ranked[0]["model"] if ranked[0]["rank"] is not None else None,
         "feature_cache_dir": str(feature_cache_dir(recipes[0])), "mixed_precision": accelerator.mixed_precision,
-        "max_train_examples": sample, "candidates": ranked,
+        "max_train_examples": train_limit, "candidates": ranked,
     }
     create_output_dir(output_dir)
     write_json(output_dir / RANKING_FILE, record)
