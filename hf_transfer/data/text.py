@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
+import pyarrow.compute as arrow_compute
 import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader
@@ -78,3 +79,11 @@ def text_loader(
         generator=torch.Generator().manual_seed(seed) if shuffle else None,
         **common,
     )
+
+
+def token_ids_used(dataset: Dataset, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """The distinct token ids of a tokenised split and the id its batches are padded with, sorted; read from Arrow
+    at once (a list per row would take seconds on SST-2's 67,349 sentences)."""
+    column = dataset.with_format("arrow")["input_ids"]
+    ids = arrow_compute.unique(arrow_compute.list_flatten(column)).to_numpy().astype("int64")
+    return torch.cat([torch.from_numpy(ids), torch.tensor([tokenizer.pad_token_id or 0])]).unique()

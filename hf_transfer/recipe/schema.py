@@ -205,6 +205,10 @@ class TrainingConfig:
         "start + x x the tuned weights; auto: 0.5 if the head is fitted first on pretrained weights and no ema_decay; "
         "null: off.", above=0, below=1)
     weight_decay: float = _f(0.01, "Decoupled weight decay; never applied to biases and norm weights.", at_least=0)
+    compact_embeddings: bool = _f(True, "Text: a trained token-embedding matrix updates only the rows the training "
+        "texts use; every other row gets the one factor the optimiser's weight decay gives a row without gradient. The "
+        "same model as updating the whole matrix, in less time per step (not with adam and weight_decay > 0, which "
+        "update it whole). false: update it whole.")
     optimizer: Literal["adamw", "adam", "sgd"] = _f("adamw", "Optimiser.")
     momentum: float = _f(0.9, "Momentum (sgd).", at_least=0, below=1)
     scheduler: Literal["linear", "cosine", "constant", "step", "onecycle"] = _f("linear", "Learning-rate schedule.")

@@ -59,10 +59,21 @@ class TransferModel(nn.Module):
     def backbone_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         return ((n, p) for n, p in self.named_parameters() if not self.is_head_parameter(n))
 
+    def _embeddings_owner(self) -> nn.Module | None:
+        """The outermost transformers module that holds the input embeddings, None where there is none."""
+        return next((module for module in self.model.modules() if hasattr(module, "get_input_embeddings")), None)
+
     def word_embeddings(self) -> nn.Module | None:
         """A text backbone's token embedding matrix (transformers' input embeddings), None where there is none."""
-        owner = next((module for module in self.model.modules() if hasattr(module, "get_input_embeddings")), None)
+        owner = self._embeddings_owner()
         return owner.get_input_embeddings() if owner is not None else None
+
+    def set_word_embeddings(self, module: nn.Module) -> None:
+        """Put `module` where `word_embeddings()` is (transformers' set_input_embeddings)."""
+        owner = self._embeddings_owner()
+        if owner is None:
+            raise ValueError(f"{type(self.model).__name__} has no input embeddings to replace")
+        owner.set_input_embeddings(module)
 
     def block_parameters(self) -> list[list[nn.Parameter]]:
         """Backbone parameters grouped by block, input side first."""

@@ -14,7 +14,7 @@ from hf_transfer.cache.head import FeatureSource
 from hf_transfer.cache.projection import TextTargets
 from hf_transfer.cache.store import dataset_fingerprint
 from hf_transfer.data.splits import column_values
-from hf_transfer.data.text import load_text_splits, text_loader, tokenize
+from hf_transfer.data.text import load_text_splits, text_loader, token_ids_used, tokenize
 from hf_transfer.errors import HfTransferError
 from hf_transfer.export.card import base_model_id
 from hf_transfer.export.folder import read_json
@@ -37,6 +37,7 @@ from hf_transfer.sources.text import (
     usable_max_length,
 )
 from hf_transfer.strategies import apply_strategy, get_strategy, merged_copy
+from hf_transfer.training.compact_embeddings import CompactWordEmbeddings
 from hf_transfer.training.plan import Plan
 
 
@@ -162,6 +163,9 @@ def build_text_task(recipe: Recipe) -> Plan:
     batching = dict(group_by_length=recipe.data.group_by_length, pad_to_multiple_of=recipe.data.pad_to_multiple_of,
                     length_window=recipe.data.length_window)
     callbacks = apply_strategy(model, recipe.strategy)
+    compact = CompactWordEmbeddings(token_ids_used(train_set, tokenizer), training.optimizer, training.weight_decay)
+    if training.compact_embeddings:
+        callbacks.append(compact)
     merged = get_strategy(recipe.strategy).saves_adapter and recipe.strategy.merge_lora
 
     def feature_loader(split: str, _view: int | None):
@@ -184,7 +188,7 @@ def build_text_task(recipe: Recipe) -> Plan:
             else (lambda folder: save_text_model(model.model, tokenizer, folder, merged, base_model_id(recipe)))
         ),
         callbacks=callbacks,
-        summary=lambda _accelerator: {"text_pooling": pooling},
+        summary=lambda _accelerator: {"text_pooling": pooling, "word_embedding_rows_trained": compact.rows_trained},
         # token ids are the whole preprocessing, and the fingerprints hash them
         feature_source=FeatureSource(
             loader=feature_loader,

@@ -87,6 +87,17 @@ def train(
     """
     callbacks = [*plan.callbacks, *callbacks]
     model = plan.model.to(accelerator.device)  # before the optimiser, so that it can pick its fused CUDA kernel
+    for callback in callbacks:
+        callback.on_train_setup(model)
+    try:
+        return _train(plan, model, config, accelerator, run_dir, callbacks)
+    finally:  # a callback that changed the model for training gives it back, also when training failed
+        for callback in callbacks:
+            callback.on_train_end(model)
+
+
+def _train(plan: Plan, model: torch.nn.Module, config: TrainingConfig, accelerator: Accelerator, run_dir: Path,
+           callbacks: list[Callback]) -> TrainResult:
     graphs_blocker = cuda_graphs_blocker(config, accelerator, callbacks)
     include_frozen = any(c.unfreezes_parameters for c in callbacks)
     optimizer = build_optimizer(model, config, include_frozen, capturable=graphs_blocker is None)

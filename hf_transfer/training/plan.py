@@ -36,6 +36,10 @@ class Callback:
     cuda_graphs_blocker: str | None = None
     mixes_inputs: bool = False  # changes the model's inputs (mixup), which cached features cannot stand in for
 
+    def on_train_setup(self, model: torch.nn.Module) -> None:
+        """Once the plan's model is on its device, before the optimiser is built from its trainable parameters:
+        a callback may change the model for training here (and give it back in on_train_end)."""
+
     def on_train_begin(self, loop: Loop) -> None:
         """Before the first epoch (a resumed run restores its state here)."""
 
@@ -58,6 +62,10 @@ class Callback:
 
     def on_epoch_end(self, loop: Loop, metrics: dict[str, Any]) -> None:
         """After each epoch's evaluation; set `loop.stop` to end training."""
+
+    def on_train_end(self, model: torch.nn.Module) -> None:
+        """After training, the kept epoch's weights loaded into `model`; also when training failed, so that a callback
+        which changed the model in on_train_setup gives it back."""
 
     def failure_note(self) -> str:
         """A sentence for the error a diverged run ends with (where to resume from, say)."""

@@ -1,0 +1,83 @@
+"""Word embeddings trained as the rows the training texts use (training.compact_embeddings): the same model as
+the whole matrix, on a tiny BERT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import NEGATIVE, POSITIVE, WORDS, keyword_sentences, write_jsonl
+from test_text import train
+
+from hf_transfer.training.compact_embeddings import CompactEmbedding, compacts
+
+
+# the weights each epoch is scored and saved with: the live ones, an average, a mix with the start (all linear)
+@pytest.mark.parametrize("evaluated", [{}, {"ema_decay": 0.9}, {"weight_interpolation": 0.5}])
+def test_compact_embeddings_train_the_same_model_as_the_whole_matrix(tiny_bert_dir, tmp_path, evaluated):
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    data = tmp_path / "data"
+    training_words = WORDS[:8]
+    write_jsonl(data / "train.jsonl", keyword_sentences(96, seed=1, vocabulary=training_words))
+    write_jsonl(data / "validation.jsonl", keyword_sentences(40, seed=2))  # with words no training text uses
+    runs = {}
+    for compact in (True, False):
+        out = tmp_path / f"compact_{compact}"
+        summary = train(tiny_bert_dir, data, out, training={"epochs": 2, "weight_decay": 0.5, "compact_embeddings": compact,
+                                                            "weight_interpolation": None, **evaluated})
+        weight = AutoModelForSequenceClassification.from_pretrained(out).bert.embeddings.word_embeddings.weight.detach()
+        runs[compact] = summary, weight
+    (compact_summary, compact), (whole_summary, whole) = runs[True], runs[False]
+
+    torch.testing.assert_close(compact, whole, rtol=1e-5, atol=1e-6)
+    assert [e["accuracy"] for e in compact_summary["history"]] == [e["accuracy"] for e in whole_summary["history"]]
+    assert compact_summary["trainable_parameters"] == whole_summary["trainable_parameters"]
+    # [PAD], [CLS], [SEP], the eight words and the two keywords
+    assert (compact_summary["word_embedding_rows_trained"], whole_summary["word_embedding_rows_trained"]) == (13, None)
+
+    pretrained = AutoModel.from_pretrained(tiny_bert_dir).embeddings.word_embeddings.weight.detach()
+    vocabulary = AutoTokenizer.from_pretrained(tiny_bert_dir).get_vocab()
+    unused = [vocabulary[word] for word in WORDS[8:]]
+    used = [vocabulary[word] for word in [*training_words, POSITIVE, NEGATIVE]]
+    # a row no training text uses was only decayed: one factor below 1 for all of them
+    factors = compact[unused] / pretrained[unused]
+    assert float(factors.max()) < 1.0
+    torch.testing.assert_close(factors, torch.full_like(factors, float(factors[0, 0])), rtol=1e-5, atol=0)
+    # the used rows trained: no longer a multiple of their pretrained values
+    assert not torch.allclose(compact[used] / pretrained[used], factors[0, 0].expand(len(used), pretrained.shape[1]),
+                              rtol=1e-3)
+
+
+def test_a_compact_embedding_embeds_every_id_as_the_matrix_and_writes_it_back_unchanged():
+    original = torch.nn.Embedding(20, 6, padding_idx=0)
+    kept = original.weight.detach().clone()
+    compact = CompactEmbedding(original, torch.tensor([0, 3, 4, 11]))
+    assert compact.weight.shape == (5, 6) and compact.padding_row == 0
+    every_id = torch.arange(20).reshape(4, 5)
+    torch.testing.assert_close(compact(every_id), original(every_id), rtol=0, atol=0)
+
+    compact(torch.tensor([[3, 4, 0, 7]])).sum().backward()
+    assert compact.weight.grad[1:3].abs().sum() > 0  # ids 3 and 4
+    assert compact.weight.grad[0].abs().sum() == 0  # padding
+    assert compact.weight.grad[4].abs().sum() == 0  # the factor's row: id 7 is not trained
+
+    compact.write_into(original)
+    assert torch.equal(original.weight.detach(), kept)
+
+
+@pytest.mark.parametrize(("optimizer", "weight_decay", "frozen", "tied", "expected"), [
+    ("adamw", 0.01, False, False, True),
+    ("sgd", 0.01, False, False, True),
+    ("adam", 0.0, False, False, True),
+    ("adam", 0.01, False, False, False),  # Adam's weight decay is not linear in the weight
+    ("adamw", 0.01, True, False, False),  # nothing to train
+    ("adamw", 0.01, False, True, False),  # an output layer reads the same matrix
+])
+def test_compact_embeddings_apply_only_where_they_give_the_same_model(optimizer, weight_decay, frozen, tied, expected):
+    embeddings = torch.nn.Embedding(20, 6)
+    output = torch.nn.Linear(6, 20, bias=False)
+    if tied:
+        output.weight = embeddings.weight
+    embeddings.weight.requires_grad_(not frozen)
+    model = torch.nn.ModuleDict({"embeddings": embeddings, "output": output})
+    assert compacts(embeddings, model, optimizer, weight_decay) is expected
