@@ -10,8 +10,10 @@ Four measurements, each cheap enough to run beside other work (times are medians
 2. the optimiser step on MiniLM-L6's 22.7M parameters: torch's AdamW as constructed by default,
    and with `fused=True` (what the Trainer's default `adamw_torch_fused` builds);
 3. the collator: ours (data/sampling.py) against transformers' DataCollatorWithPadding;
-4. one training step (bf16 autocast, or fp32 with --precision fp32) cut into its parts (forward,
-   backward, fused AdamW, clipping), and the whole step with the word embeddings frozen.
+4. one training step on 32 SST-2 training sentences of about the median length (bf16 autocast, or
+   fp32 with --precision fp32) cut into its parts (forward, backward, fused AdamW, clipping), and the
+   whole step with only the embedding rows the SST-2 sample uses trained (training.compact_embeddings)
+   and with the word embeddings frozen.
 
     python benchmarks/text_step_profile.py [--data-root ../shared/data] [--precision bf16|fp32]
 """
@@ -46,14 +48,14 @@ def median_seconds(work, repeats: int = 7) -> float:
     return statistics.median(times)
 
 
-def token_lengths(data_root: Path, name: str, tokenizer) -> list[int]:
+def token_ids(data_root: Path, name: str, tokenizer) -> list[list[int]]:
     from hf_transfer.data.text import load_text_splits
     from hf_transfer.recipe import DataConfig
 
     fields = dict(SETS[name])
     config = DataConfig(**{**fields, "path": str(data_root / fields["path"]), "max_train_samples": 2000})
     texts = [str(t) for t in load_text_splits(config, seed=42).train[config.text_column][:]]
-    return [len(ids) for ids in tokenizer(texts, truncation=True, max_length=config.max_length)["input_ids"]]
+    return tokenizer(texts, truncation=True, max_length=config.max_length)["input_ids"]
 
 
 def padding_table(lengths: list[int]) -> list[tuple[str, float, float]]:
@@ -86,14 +88,26 @@ def optimizer_step_ms(model: torch.nn.Module) -> dict[str, float]:
     return results
 
 
-def step_parts_ms(model: torch.nn.Module, tokens: int = 26, bf16: bool = True) -> dict[str, float]:
-    """One training step (bf16 autocast, or fp32) of a batch of BATCH x `tokens`, piece by piece (median ms), and
-    the whole step again with the word embeddings frozen (their dense gradient, clipping and update skipped)."""
+def real_batch(texts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """BATCH texts of about the median length, padded to their longest: a batch as length windows make them.
+    Real ids matter: their repeats and the padding make the dense embedding gradient costlier than random ids do."""
+    by_length = sorted(texts, key=len)
+    middle = len(by_length) // 2
+    rows = by_length[middle - BATCH // 2: middle + BATCH // 2]
+    longest = max(map(len, rows))
+    ids = torch.tensor([row + [pad_id] * (longest - len(row)) for row in rows])
+    return {"input_ids": ids, "attention_mask": (torch.arange(longest) < torch.tensor([len(r) for r in rows])[:, None]).long(),
+            "labels": torch.arange(BATCH) % 2}
+
+
+def step_parts_ms(model: torch.nn.Module, inputs: dict[str, torch.Tensor], used_ids: torch.Tensor,
+                  bf16: bool = True) -> dict[str, float]:
+    """One training step (bf16 autocast, or fp32) of `inputs`, piece by piece (median ms); the whole step again with
+    only the rows of `used_ids` trained (training.compact_embeddings), and with the word embeddings frozen (their
+    gradient, clipping and update skipped)."""
+    from hf_transfer.training.compact_embeddings import CompactEmbedding
+
     model.train()
-    generator = torch.Generator().manual_seed(0)
-    inputs = {"input_ids": torch.randint(1000, 20000, (BATCH, tokens), generator=generator),
-              "attention_mask": torch.ones(BATCH, tokens, dtype=torch.long),
-              "labels": torch.randint(0, 2, (BATCH,), generator=generator)}
 
     def loss():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -114,6 +128,13 @@ def step_parts_ms(model: torch.nn.Module, tokens: int = 26, bf16: bool = True) -
     results["fused AdamW alone"] = 1000 * median_seconds(optimizer.step)
     results["clipping alone"] = 1000 * median_seconds(lambda: torch.nn.utils.clip_grad_norm_(everything, 1.0))
     optimizer.zero_grad(set_to_none=True)
+    whole = model.get_input_embeddings()
+    model.set_input_embeddings(CompactEmbedding(whole, used_ids))
+    compact = list(model.parameters())
+    compact_optimizer = torch.optim.AdamW(compact, lr=5e-5, fused=True)
+    results[f"whole step, only the {len(used_ids):,} used rows of the word embeddings trained"] = (
+        1000 * median_seconds(lambda: step(compact_optimizer, compact)))
+    model.set_input_embeddings(whole)
     model.get_input_embeddings().weight.requires_grad_(False)
     trained = [p for p in everything if p.requires_grad]
     frozen_words = torch.optim.AdamW(trained, lr=5e-5, fused=True)
@@ -150,16 +171,22 @@ def main() -> None:
     print(f"torch threads {torch.get_num_threads()}\n")
     print("| data set | batching | tokens / real tokens, padded to the batch's longest | rounded up to x8 |")
     print("|---|---|---|---|")
+    used_ids = None
     for name in SETS:
-        for scheme, exact, rounded in padding_table(token_lengths(Path(options.data_root), name, tokenizer)):
+        texts = token_ids(Path(options.data_root), name, tokenizer)
+        for scheme, exact, rounded in padding_table([len(ids) for ids in texts]):
             print(f"| {name} | {scheme} | {exact:.2f} | {rounded:.2f} |")
+        if name == "sst2":  # the step below: a batch of SST-2's texts, and the rows its training texts use
+            used_ids = torch.tensor(sorted({i for ids in texts for i in ids} | {tokenizer.pad_token_id}))
+            batch = real_batch(texts, tokenizer.pad_token_id)
     model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=2)
     print(f"\noptimiser step, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters (median ms):")
     for label, ms in optimizer_step_ms(model).items():
         print(f"- {label}: {ms:.0f} ms")
     bf16 = options.precision == "bf16"
-    print(f"\none training step, {'bf16 autocast' if bf16 else 'fp32'}, {BATCH} x 26 tokens (median ms):")
-    for label, ms in step_parts_ms(model, bf16=bf16).items():
+    shape = " x ".join(map(str, batch["input_ids"].shape))
+    print(f"\none training step, {'bf16 autocast' if bf16 else 'fp32'}, {shape} SST-2 tokens (median ms):")
+    for label, ms in step_parts_ms(model, batch, used_ids, bf16=bf16).items():
         print(f"- {label}: {ms:.0f} ms")
     sentences = ["a gripping , funny and ultimately moving film", "dull", "it is not the worst movie of the year"] * BATCH
     print(f"\ncollating {BATCH} tokenised sentences (median ms):")

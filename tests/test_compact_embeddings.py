@@ -81,3 +81,24 @@ def test_compact_embeddings_apply_only_where_they_give_the_same_model(optimizer,
     embeddings.weight.requires_grad_(not frozen)
     model = torch.nn.ModuleDict({"embeddings": embeddings, "output": output})
     assert compacts(embeddings, model, optimizer, weight_decay) is expected
+
+
+def test_adapting_with_the_backbone_in_the_loop_trains_the_targets_rows_too(tiny_bert_dir, tmp_path):
+    from safetensors.torch import load_file
+    from test_adapt_backbone import backbone_recipe
+    from test_domain import target_sentences
+
+    from hf_transfer.recipe import recipe_from_dict
+    from hf_transfer.run import run_training
+
+    source = write_jsonl(tmp_path / "source.jsonl", keyword_sentences(64, seed=1))
+    target = write_jsonl(tmp_path / "target.jsonl", target_sentences(48, seed=2))  # [UNK] for the tiny vocabulary
+    weights, rows = {}, {}
+    for compact in (True, False):
+        recipe = backbone_recipe(tiny_bert_dir, source, target, tmp_path / f"compact_{compact}", method="mcc")
+        recipe["training"] |= {"compact_embeddings": compact, "weight_decay": 0.5}
+        rows[compact] = run_training(recipe_from_dict(recipe))["word_embedding_rows_trained"]
+        saved = load_file(str(tmp_path / f"compact_{compact}" / "model.safetensors"))
+        weights[compact] = next(v for n, v in saved.items() if n.endswith("word_embeddings.weight"))
+    assert rows == {True: len(WORDS) + 6, False: None}  # the words, both keywords, [PAD] [CLS] [SEP], and [UNK]
+    torch.testing.assert_close(weights[True], weights[False], rtol=1e-5, atol=1e-6)

@@ -40,6 +40,7 @@ from hf_transfer.console import say
 from hf_transfer.errors import HfTransferError
 from hf_transfer.recipe import Recipe
 from hf_transfer.sources.base import TransferModel
+from hf_transfer.training.compact_embeddings import train_rows_of_both
 from hf_transfer.training.metrics import evaluate
 from hf_transfer.training.plan import Callback, Plan
 
@@ -161,6 +162,7 @@ def backbone_adaptation_plan(recipe: Recipe, source: Plan, accelerator: Accelera
             model.head_prefixes = [*model.head_prefixes, f"{DISCRIMINATOR}."]
         callbacks = [TargetBatches(target.train_loader), DomainObjective(config, backbone_view(head_input), discriminator)]
     target_examples = whole_target_loader(target, recipe.training.eval_batch_size)
+    train_rows_of_both(source.callbacks, target.callbacks)  # the target's texts train the word embeddings too
     per_domain = per_domain_statistics(recipe, model)
     if per_domain:
         callbacks.append(PerDomainNormStatistics(target_examples))

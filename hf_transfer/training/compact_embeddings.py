@@ -7,8 +7,9 @@ every step, so AdamW's moments stay zero and all the optimiser does to it is the
 decay, p <- p (1 - lr x wd): one factor, the same for every such row. So the matrix trains as its
 used rows plus one row of ones that no input selects, which receives exactly that factor; when
 training ends, each unused row is its pretrained value times that row. The model is the dense
-update's up to float rounding (tests/test_compact_embeddings.py), and a step is 1.1x shorter on a
-CPU in bf16 (benchmarks/BENCHMARKS.md, issue 14).
+update's up to float rounding (tests/test_compact_embeddings.py); on a CPU a step on SST-2 is up to
+1.2x shorter and takes less memory (benchmarks/BENCHMARKS.md, issue 14). Checkpoints hold the
+compact weight; a resumed run rebuilds the same rows from the same data.
 
 This holds for every optimiser whose update of a parameter without gradient is linear in it: AdamW,
 SGD (its weight decay and momentum are linear), and Adam without weight decay. Adam's weight decay
@@ -106,3 +107,13 @@ class CompactWordEmbeddings(Callback):
         self.compact.write_into(self.original)
         model.set_word_embeddings(self.original)
         self.original = self.compact = None
+
+
+
+def train_rows_of_both(callbacks: list[Callback], others: list[Callback]) -> None:
+    """Widens, in place, the CompactWordEmbeddings among `callbacks` to the token ids of those among `others`: a run
+    that also feeds another data set's texts through the trained embeddings (domain adaptation's target, with the
+    backbone in the loop) must train their rows too, or it would not be the whole matrix's model."""
+    for callback in (c for c in callbacks if isinstance(c, CompactWordEmbeddings)):
+        for other in (c for c in others if isinstance(c, CompactWordEmbeddings)):
+            callback.token_ids = torch.cat([callback.token_ids, other.token_ids]).unique()
