@@ -109,7 +109,6 @@ class CompactWordEmbeddings(Callback):
         self.original = self.compact = None
 
 
-
 def train_rows_of_both(callbacks: list[Callback], others: list[Callback]) -> None:
     """Widens, in place, the CompactWordEmbeddings among `callbacks` to the token ids of those among `others`: a run
     that also feeds another data set's texts through the trained embeddings (domain adaptation's target, with the
