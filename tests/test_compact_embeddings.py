@@ -65,16 +65,25 @@ def test_a_compact_embedding_embeds_every_id_as_the_matrix_and_writes_it_back_un
     assert torch.equal(original.weight.detach(), kept)
 
 
-@pytest.mark.parametrize(("optimizer", "weight_decay", "frozen", "tied", "expected"), [
-    ("adamw", 0.01, False, False, True),
-    ("sgd", 0.01, False, False, True),
-    ("adam", 0.0, False, False, True),
-    ("adam", 0.01, False, False, False),  # Adam's weight decay is not linear in the weight
-    ("adamw", 0.01, True, False, False),  # nothing to train
-    ("adamw", 0.01, False, True, False),  # an output layer reads the same matrix
+class ScaledEmbedding(torch.nn.Embedding):
+    """A lookup times a constant, as Gemma's and BioGPT's word embeddings are."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(input_ids) * 4.0
+
+
+@pytest.mark.parametrize(("optimizer", "weight_decay", "frozen", "tied", "kind", "expected"), [
+    ("adamw", 0.01, False, False, torch.nn.Embedding, True),
+    ("sgd", 0.01, False, False, torch.nn.Embedding, True),
+    ("adam", 0.0, False, False, torch.nn.Embedding, True),
+    ("adam", 0.01, False, False, torch.nn.Embedding, False),  # Adam's weight decay is not linear in the weight
+    ("adamw", 0.01, True, False, torch.nn.Embedding, False),  # nothing to train
+    ("adamw", 0.01, False, True, torch.nn.Embedding, False),  # an output layer reads the same matrix
+    ("adamw", 0.01, False, False, ScaledEmbedding, False),  # its own lookup, which the swap would drop
 ])
-def test_compact_embeddings_apply_only_where_they_give_the_same_model(optimizer, weight_decay, frozen, tied, expected):
-    embeddings = torch.nn.Embedding(20, 6)
+def test_compact_embeddings_apply_only_where_they_give_the_same_model(optimizer, weight_decay, frozen, tied, kind,
+                                                                      expected):
+    embeddings = kind(20, 6)
     output = torch.nn.Linear(6, 20, bias=False)
     if tied:
         output.weight = embeddings.weight

@@ -63,15 +63,16 @@ class CompactEmbedding(nn.Module):
 
     @torch.no_grad()
     def write_into(self, original: nn.Embedding) -> None:
-        """The whole matrix, as the dense update would have left it, into `original`'s weight."""
-        whole = self.pretrained * self.weight[self.unused_row]  # a new tensor: `pretrained` is original's storage
-        whole[self.token_ids] = self.weight[: self.unused_row]
-        original.weight.copy_(whole)
+        """The whole matrix, as the dense update would have left it, into `original`'s weight (in place: no second
+        matrix, since this also runs after a failure, an out-of-memory one included)."""
+        original.weight.mul_(self.weight[self.unused_row])  # `pretrained` is this storage: not read again
+        original.weight[self.token_ids] = self.weight[: self.unused_row]
 
 
 def compacts(embeddings: nn.Module | None, model: nn.Module, optimizer: str, weight_decay: float) -> bool:
     """Whether the word embeddings train and can train compact here (see the module's docstring)."""
-    if not isinstance(embeddings, nn.Embedding) or not embeddings.weight.requires_grad:
+    # exactly nn.Embedding: a subclass may change the lookup (Gemma's and BioGPT's scale it), which the swap would drop
+    if type(embeddings) is not nn.Embedding or not embeddings.weight.requires_grad:
         return False
     if embeddings.max_norm is not None or embeddings.scale_grad_by_freq or embeddings.sparse:
         return False  # these change the rows a lookup touches or how their gradient is formed

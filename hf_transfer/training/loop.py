@@ -87,9 +87,9 @@ def train(
     """
     callbacks = [*plan.callbacks, *callbacks]
     model = plan.model.to(accelerator.device)  # before the optimiser, so that it can pick its fused CUDA kernel
-    for callback in callbacks:
-        callback.on_train_setup(model)
     try:
+        for callback in callbacks:
+            callback.on_train_setup(model)
         return _train(plan, model, config, accelerator, run_dir, callbacks)
     finally:  # a callback that changed the model for training gives it back, also when training failed
         for callback in callbacks:
