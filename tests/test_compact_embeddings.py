@@ -111,3 +111,24 @@ def test_adapting_with_the_backbone_in_the_loop_trains_the_targets_rows_too(tiny
         weights[compact] = next(v for n, v in saved.items() if n.endswith("word_embeddings.weight"))
     assert rows == {True: len(WORDS) + 6, False: None}  # the words, both keywords, [PAD] [CLS] [SEP], and [UNK]
     torch.testing.assert_close(weights[True], weights[False], rtol=1e-5, atol=1e-6)
+
+
+def test_resuming_onto_other_training_texts_is_refused(tiny_bert_dir, tmp_path):
+    from test_text import text_recipe
+
+    from hf_transfer.errors import HfTransferError
+    from hf_transfer.recipe import recipe_from_dict
+    from hf_transfer.run import run_training
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    rows = keyword_sentences(64, seed=1, vocabulary=WORDS[:8])
+    write_jsonl(data / "train.jsonl", rows)
+    write_jsonl(data / "validation.jsonl", keyword_sentences(20, seed=2))
+    recipe = text_recipe(tiny_bert_dir, data, out, training={"epochs": 2, "save_checkpoints": True})
+    run_training(recipe_from_dict(recipe))
+    first_epoch = min((out / "checkpoints").iterdir(), key=lambda path: int(path.name.split("-")[1]))
+    # as many distinct words as before, one of them another: the rows' shapes still fit
+    changed = [{**row, "text": row["text"].replace(WORDS[0], WORDS[10])} for row in rows]
+    write_jsonl(data / "train.jsonl", changed)
+    with pytest.raises(HfTransferError, match="the training data changed since they were saved"):
+        run_training(recipe_from_dict(recipe), resume=str(first_epoch))

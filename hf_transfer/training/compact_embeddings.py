@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from hf_transfer.errors import HfTransferError
 from hf_transfer.sources.base import TransferModel
 from hf_transfer.training.plan import Callback
 
@@ -35,7 +36,8 @@ class CompactEmbedding(nn.Module):
     values times that factor).
 
     The pretrained matrix and the id -> row map are plain attributes, not buffers: checkpoints and weight
-    averages need only `weight`, and distributed training would broadcast buffers every step.
+    averages need only `weight`, and distributed training would broadcast buffers every step. The ids are a
+    (small) buffer, so that a checkpoint records which rows it holds and a resume onto other rows is refused.
     """
 
     def __init__(self, original: nn.Embedding, token_ids: torch.Tensor):
@@ -43,7 +45,7 @@ class CompactEmbedding(nn.Module):
         device = original.weight.device
         token_ids = token_ids.to(device)
         self.pretrained = original.weight.detach()
-        self.token_ids = token_ids
+        self.register_buffer("token_ids", token_ids)
         self.unused_row = len(token_ids)  # the row of ones that carries the unused rows' factor
         self.row_of_token = torch.full((original.num_embeddings,), self.unused_row, dtype=torch.long, device=device)
         self.row_of_token[token_ids] = torch.arange(len(token_ids), device=device)
@@ -60,6 +62,16 @@ class CompactEmbedding(nn.Module):
         # detached so that no input ever gives the factor's row a gradient
         untrained = functional.embedding(input_ids, self.pretrained) * self.weight[self.unused_row].detach()
         return torch.where((rows == self.unused_row).unsqueeze(-1), untrained, trained)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        saved = state_dict.get(f"{prefix}token_ids")
+        if saved is not None and not torch.equal(saved.to(self.token_ids.device), self.token_ids):
+            raise HfTransferError(
+                "The saved weights hold the word-embedding rows of other token ids than this run's training texts use: "
+                "the training data changed since they were saved. Resume with the data the run started with, or start "
+                "a new run."
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def write_into(self, original: nn.Embedding) -> None:
