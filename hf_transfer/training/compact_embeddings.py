@@ -9,7 +9,7 @@ used rows plus one row of ones that no input selects, which receives exactly tha
 training ends, each unused row is its pretrained value times that row. The model is the dense
 update's up to float rounding (tests/test_compact_embeddings.py); on a CPU a step on SST-2 is up to
 1.2x shorter and takes less memory (benchmarks/BENCHMARKS.md, issue 14). Checkpoints hold the
-compact weight; a resumed run rebuilds the same rows from the same data.
+compact weight and its token ids; a resumed run rebuilds the same rows from the same data.
 
 This holds for every optimiser whose update of a parameter without gradient is linear in it: AdamW,
 SGD (its weight decay and momentum are linear), and Adam without weight decay. Adam's weight decay
