@@ -52,7 +52,8 @@ class CompactEmbedding(nn.Module):
         factor = torch.ones(1, original.embedding_dim, dtype=original.weight.dtype, device=device)
         self.weight = nn.Parameter(torch.cat([self.pretrained[token_ids], factor]))
         padding = original.padding_idx
-        # the padding row gets no gradient, as in the original (its id is always among token_ids)
+        # the padding row gets no gradient, as in the original; a padding id outside token_ids reads the untrained
+        # path, pretrained x factor, which is what a row without gradient gets anyway
         self.padding_row = int(self.row_of_token[padding]) if padding is not None else None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
